@@ -1,0 +1,133 @@
+"""The materialized O(T^2) form (SPEC §5): a second, independent definition.
+
+    o_t = sum_{s <= t} Lambda[t, s] * (q_t^T P_{t,s} k~_s) * v_s
+
+P_{t,s} = G_t ... G_{s+1} (identity for s = t), k~_s = beta_s k_s for gdn else k_s,
+Lambda[t, s] = lambda_t[l(i)] for the slot i that holds token s at time t.
+The recurrent scan never builds Lambda or P; this form never builds a state, so
+agreement between the two checks both.
+"""
+
+from __future__ import annotations
+
+from ._xp import array_namespace, compute_dtype
+from .recurrent import forced_decision, from_streams, to_streams
+from .step import merge_adjacent, slot_weights, write_token
+from .validation import check_inputs, check_options, check_trace_shape
+
+
+def materialized(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta=None,
+                 capacity=30, slots="oldest-first", dtype=None):
+    """DLA's outputs from a trace, by the O(T^2) form.   -> o [B, T, H, Dv]
+
+    Shapes as in ``dla_ref.dla``. The trace (from an empty cache) fixes the partition;
+    its scores are not used. A trace that does not fit the capacity raises ValueError.
+    """
+    opts = check_options(capacity=capacity, tau=0.0, backbone=backbone, score="token",
+                         normalize=True, slots=slots, eps=1.0)
+    xp = array_namespace(q, k, v, lam)
+    B, T, H, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
+                                 lam_columns=capacity)
+    check_trace_shape(xp, trace, B, T, H)
+    ftype = compute_dtype(xp, dtype)
+    q, k, v, lam = (to_streams(xp, xp.astype(x, ftype)) for x in (q, k, v, lam))
+    alpha = None if log_alpha is None else xp.exp(to_streams(xp, xp.astype(log_alpha, ftype)))
+    beta = None if beta is None else to_streams(xp, xp.astype(beta, ftype))
+
+    counts, m = partition_history(xp, to_streams(xp, trace.boundary),
+                                  to_streams(xp, xp.astype(trace.merged, xp.int64)), capacity)
+    weights = readout_mask(xp, counts, m, lam, slots)
+    o = masked_form(xp, q, k, v, weights, alpha, beta, backbone)
+    return from_streams(xp, o, B, H)
+
+
+def partition_history(xp, boundary, merged, capacity):
+    """Replay a trace on the slot counts alone.   -> counts [N, T, K] int, m [N, T] int
+
+    counts[:, t, i] = n_i after token t. It uses the same merge and write functions
+    as the recurrent step, on the token counts instead of the states, so the start
+    token of slot i at time t is sum_{l < i} counts[:, t, l]. The trace is checked
+    against the capacity as it is replayed.
+    """
+    N, T = boundary.shape
+    K = capacity
+    n = xp.zeros((N, K), dtype=xp.int64)
+    m = xp.zeros((N,), dtype=xp.int64)
+    opts = check_options(capacity=K, tau=0.0, backbone="linear", score="token",
+                         normalize=True, slots="oldest-first", eps=1.0)
+    counts, used = [], []
+    for t in range(T):  # forced_decision is the one definition of "a trace fits"
+        b, j = forced_decision(xp, boundary[:, t], merged[:, t], t, opts)(None, m, n, None)
+        n = merge_adjacent(xp, n, j)
+        m = m - xp.astype(j >= 0, m.dtype)
+        n = write_token(xp, n, m, b, xp.ones_like(m))
+        m = m + xp.astype(b, m.dtype)
+        counts.append(n)
+        used.append(m)
+    return xp.stack(counts, axis=1), xp.stack(used, axis=1)
+
+
+def readout_mask(xp, counts, m, lam, slots):
+    """Lambda[t, s] = w_t[slot holding s at time t] for s <= t, else 0.   [N, T, T]
+
+    counts [N, T, K], m [N, T], lam [N, T, K]. The slot of token s at time t is the
+    number of used slots whose start token is <= s, minus one.
+    """
+    N, T, K = counts.shape
+    starts = xp.cumulative_sum(counts, axis=2) - counts  # [N, T, K]
+    s = xp.arange(T, dtype=xp.int64)
+    slot = xp.arange(K, dtype=xp.int64)
+    used = slot[None, None, :] < m[:, :, None]  # [N, T, K]
+    begun = (starts[:, :, None, :] <= s[None, None, :, None]) & used[:, :, None, :]
+    slot_of = xp.sum(xp.astype(begun, xp.int64), axis=3) - 1  # [N, T(t), T(s)]
+
+    w = xp.stack([slot_weights(xp, lam[:, t, :], m[:, t], slots) for t in range(T)], axis=1)
+    onehot = xp.astype(slot_of[..., None] == slot[None, None, None, :], w.dtype)
+    Lam = xp.sum(onehot * w[:, :, None, :], axis=3)
+    causal = s[:, None] >= s[None, :]
+    return xp.where(causal[None, :, :], Lam, xp.zeros_like(Lam))
+
+
+def masked_form(xp, q, k, v, weights, alpha, beta, backbone):
+    """o_t = sum_s weights[t, s] (q_t^T P_{t,s} k~_s) v_s.
+
+    q, k [N, T, Dk], v [N, T, Dv], weights [N, T, T] (zero above the diagonal),
+    alpha, beta [N, T] or None. Shared by ``materialized`` and the Fenwick check of
+    ``loglinear``.
+
+    q_t^T P_{t,s} is built for every t at once by a backward sweep over s:
+    u_t(t) = q_t and u_t(s-1) = G_s^T u_t(s)  (G_s is symmetric for all backbones).
+    """
+    N, T, Dk = q.shape
+    t_index = xp.arange(T)
+    u = xp.zeros_like(q)  # u[:, t] = P_{t,s}^T q_t for the current s (rows t >= s)
+    scores = []
+    for s in range(T - 1, -1, -1):
+        u = xp.where((t_index == s)[None, :, None], q, u)
+        ks = k[:, s, :]
+        if backbone == "gdn":
+            ks = beta[:, s, None] * ks
+        scores.append(xp.sum(u * ks[:, None, :], axis=2))  # [N, T]: q_t^T P_{t,s} k~_s
+        if backbone == "mamba2":
+            u = alpha[:, s, None, None] * u
+        elif backbone == "gdn":  # G_s^T u = alpha_s (u - beta_s (u . k_s) k_s)
+            uk = xp.sum(u * k[:, s, :][:, None, :], axis=2)
+            u = alpha[:, s, None, None] * (u - beta[:, s, None, None] * uk[:, :, None] * k[:, s, :][:, None, :])
+    A = xp.stack(scores[::-1], axis=2)  # [N, T(t), T(s)]
+    return xp.matmul(weights * A, v)
+
+
+def slot_starts(trace, capacity):
+    """The partition history of a trace: start token of every used slot at every t.
+
+    trace: a Trace [B, T, H] from an empty cache. -> starts [B, T, H, K] int,
+    starts[b, t, h, i] = first token of slot i after token t, -1 for unused slots.
+    """
+    xp = array_namespace(trace.boundary)
+    B, T, H = trace.boundary.shape
+    check_trace_shape(xp, trace, B, T, H)
+    counts, m = partition_history(xp, to_streams(xp, trace.boundary),
+                                  to_streams(xp, xp.astype(trace.merged, xp.int64)), capacity)
+    starts = xp.cumulative_sum(counts, axis=2) - counts
+    used = xp.arange(capacity)[None, None, :] < m[:, :, None]
+    return from_streams(xp, xp.where(used, starts, xp.full_like(starts, -1)), B, H)

@@ -1,0 +1,205 @@
+"""The recurrent form: DLA token by token over a batch (SPEC §3), and its policies.
+
+``dla`` is the public entry; ``fixed`` and ``single`` are the baselines of SPEC §6
+that share the cache, transition and readout and differ only in the partition policy.
+"""
+
+from __future__ import annotations
+
+from ._xp import array_namespace, compute_dtype
+from .records import Cache, Result, Trace
+from .step import dla_decision, merge_choice, step
+from .validation import check_cache, check_inputs, check_options, check_trace_shape
+
+
+def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
+        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
+        trace=None, initial_cache=None, dtype=None) -> Result:
+    """Dynamic Linear Attention, recurrent form (SPEC §3).
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0 (K = capacity);
+    log_alpha [B, T, H] <= 0 (mamba2, gdn); beta [B, T, H] in [0, 1] (gdn).
+    trace: a ``Trace`` to replay instead of deciding (its scores are ignored and
+        recomputed); every decision must fit the cache, else ValueError.
+    initial_cache: a ``Cache`` to continue from (as returned by an earlier call), so
+        that dla(x[:t]) followed by dla(x[t:], initial_cache=...) equals dla(x).
+    dtype: the computing dtype, float64 by default (the oracle).
+
+    Returns Result(o [B, T, H, Dv], cache, trace).
+    """
+    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
+                         normalize=normalize, slots=slots, eps=eps)
+    return run_policy(q, k, v, lam, log_alpha, beta, opts, trace, initial_cache, dtype,
+                      policy=lambda xp: dla_decision(xp, opts))
+
+
+def fixed(q, k, v, lam, *, chunk, backbone="linear", log_alpha=None, beta=None,
+          capacity=30, normalize=True, score="token", slots="oldest-first", eps=1e-6,
+          initial_cache=None, dtype=None) -> Result:
+    """The fixed(C) baseline: a new slot every ``chunk`` tokens, same density merge.
+
+    Token t opens a slot iff the cache is empty or the tokens summarised so far
+    (sum_i n_i, which counts the tokens of an initial cache too) are a multiple of
+    C. Scores are still computed, since the merge density uses them.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    opts = check_options(capacity=capacity, tau=float("inf"), backbone=backbone,
+                         score=score, normalize=normalize, slots=slots, eps=eps)
+
+    def policy(xp):
+        def decide(score_, m, n, info):
+            if capacity == 1:
+                return m == 0, xp.full_like(m, -1)
+            boundary = (m == 0) | (xp.sum(n, axis=1) % chunk == 0)
+            return boundary, merge_choice(xp, n, info, m, boundary, capacity)
+        return decide
+
+    return run_policy(q, k, v, lam, log_alpha, beta, opts, None, initial_cache, dtype,
+                      policy)
+
+
+def single(q, k, v, *, backbone="linear", log_alpha=None, beta=None, dtype=None) -> Result:
+    """The single-state backbone, S_t = G_t S_{t-1} + s_t, o_t = q_t^T S_t (K = 1, lambda = 1)."""
+    xp = array_namespace(q)
+    lam = xp.ones(tuple(q.shape[:3]) + (1,), dtype=q.dtype)
+    return dla(q, k, v, lam, backbone=backbone, log_alpha=log_alpha, beta=beta,
+               capacity=1, dtype=dtype)
+
+
+# --- the scan -------------------------------------------------------------------
+
+
+def run_policy(q, k, v, lam, log_alpha, beta, opts, trace, initial_cache, dtype, policy):
+    """Validate, lay the batch out as streams, scan, and lay the results back out."""
+    xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
+                                           initial_cache, dtype)
+    if trace is None:
+        decide_at = lambda t: policy(xp)  # noqa: E731 -- the same rule at every t
+    else:
+        decide_at = replay(xp, trace, B, T, H, opts)
+    cache, o, scan_trace, _ = scan(xp, tokens, cache, opts, decide_at)
+    return Result(
+        o=from_streams(xp, o, B, H),
+        cache=cache_from_streams(xp, cache, B, H),
+        trace=Trace(*(from_streams(xp, x, B, H) for x in scan_trace)),
+    )
+
+
+def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
+    """Validate the inputs and lay them out for ``scan``.
+
+    Returns (xp, (B, T, H), tokens, cache): tokens = (q, k, v, lam, alpha, beta) as
+    [N, T, ...] arrays of the computing dtype (alpha = exp(log_alpha); None where
+    the backbone has no such input), cache = (S, n, info, m) over N streams.
+    """
+    xp = array_namespace(q, k, v, lam)
+    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, opts.backbone,
+                                   lam_columns=opts.capacity)
+    ftype = compute_dtype(xp, dtype)
+    if initial_cache is None:
+        cache = empty_cache(xp, B * H, opts.capacity, Dk, Dv, ftype)
+    else:
+        check_cache(xp, initial_cache, B, H, opts.capacity, Dk, Dv)
+        cache = cache_to_streams(xp, initial_cache, ftype)
+    tokens = [None if x is None else to_streams(xp, xp.astype(x, ftype))
+              for x in (q, k, v, lam, log_alpha, beta)]
+    if tokens[4] is not None:
+        tokens[4] = xp.exp(tokens[4])
+    return xp, (B, T, H), tuple(tokens), cache
+
+
+def replay(xp, trace, B, T, H, opts):
+    """decide_at(t) for a forced trace: its decisions at token t, checked to fit."""
+    check_trace_shape(xp, trace, B, T, H)
+    forced_b = to_streams(xp, trace.boundary)
+    forced_j = to_streams(xp, xp.astype(trace.merged, xp.int64))
+    return lambda t: forced_decision(xp, forced_b[:, t], forced_j[:, t], t, opts)
+
+
+def scan(xp, tokens, cache, opts, decide_at):
+    """Run ``step`` over t = 0 ... T-1 for N streams.
+
+    tokens: (q, k, v, lam, alpha, beta), each [N, T, ...] or None.
+    decide_at(t) -> the policy for token t (see ``step``).
+    Returns (cache, o [N, T, Dv], (scores, boundary, merged) each [N, T],
+    density_margin [N, T]).
+    """
+    T = tokens[0].shape[1]
+    outputs, scores, boundaries, merges, margins = [], [], [], [], []
+    for t in range(T):
+        token = tuple(None if x is None else x[:, t, ...] for x in tokens)
+        cache, o, score, b, j, margin = step(xp, cache, token, opts, decide_at(t))
+        outputs.append(o)
+        scores.append(score)
+        boundaries.append(b)
+        merges.append(j)
+        margins.append(margin)
+    stack = lambda xs: xp.stack(xs, axis=1)  # noqa: E731
+    return (cache, stack(outputs), (stack(scores), stack(boundaries), stack(merges)),
+            stack(margins))
+
+
+def forced_decision(xp, boundary, merged, t, opts):
+    """A policy that replays given decisions, after checking that they fit the cache.
+
+    boundary [N] bool, merged [N] int for token t. Rules (SPEC §3): an empty cache
+    must open a slot; with K = 1 no later token may; a merge (j >= 0) happens iff
+    the token opens a slot while the cache is full, and then 0 <= j <= K-2.
+    """
+    K = opts.capacity
+
+    def decide(score, m, n, info):
+        must_merge = boundary & (m == K) & (K > 1)
+        problems = (
+            (m == 0) & ~boundary,
+            (m > 0) & boundary & (K == 1),
+            must_merge & ((merged < 0) | (merged > K - 2)),
+            ~must_merge & (merged != -1),
+        )
+        what = ("the cache is empty, so the token must open a slot (boundary=True)",
+                "capacity is 1, so only the first token may open a slot",
+                f"the cache is full, so merged must lie in [0, {K - 2}]",
+                "no merge happens here (no boundary or cache not full), so merged must be -1")
+        for bad, why in zip(problems, what):
+            if bool(xp.any(bad)):
+                raise ValueError(f"trace does not fit the cache at token t={t}: {why}")
+        return boundary, merged
+
+    return decide
+
+
+# --- layout: [B, T, H, ...] <-> streams [N, T, ...] ----------------------------
+
+
+def to_streams(xp, x):
+    """[B, T, H, ...] -> [N = B*H, T, ...] (stream n = b*H + h)."""
+    B, T, H = x.shape[:3]
+    perm = (0, 2, 1) + tuple(range(3, x.ndim))
+    return xp.reshape(xp.permute_dims(x, perm), (B * H, T) + tuple(x.shape[3:]))
+
+
+def from_streams(xp, x, B, H):
+    """[N, T, ...] -> [B, T, H, ...]."""
+    T = x.shape[1]
+    x = xp.reshape(x, (B, H, T) + tuple(x.shape[2:]))
+    return xp.permute_dims(x, (0, 2, 1) + tuple(range(3, x.ndim)))
+
+
+def empty_cache(xp, N, K, Dk, Dv, dtype):
+    """A cache with no slot in use, for N streams."""
+    return (xp.zeros((N, K, Dk, Dv), dtype=dtype), xp.zeros((N, K), dtype=xp.int64),
+            xp.zeros((N, K), dtype=dtype), xp.zeros((N,), dtype=xp.int64))
+
+
+def cache_to_streams(xp, cache, dtype):
+    """A public Cache [B, H, ...] -> the scan's (S, n, info, m) over streams [N, ...]."""
+    B, H = cache.m.shape
+    flat = lambda x: xp.reshape(x, (B * H,) + tuple(x.shape[2:]))  # noqa: E731
+    return (flat(xp.astype(cache.S, dtype)), flat(xp.astype(cache.n, xp.int64)),
+            flat(xp.astype(cache.info, dtype)), flat(xp.astype(cache.m, xp.int64)))
+
+
+def cache_from_streams(xp, cache, B, H):
+    """The scan's (S, n, info, m) over streams -> a public Cache [B, H, ...]."""
+    return Cache(*(xp.reshape(x, (B, H) + tuple(x.shape[1:])) for x in cache))

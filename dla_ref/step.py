@@ -1,0 +1,265 @@
+"""One step of DLA (SPEC §3), one function per idea.
+
+Every function acts on N independent streams at once and is written against the
+array API (``xp`` is the namespace of the inputs). Shapes use the names of
+``records``: N streams, K slots, Dk, Dv. Per-stream decisions are made with
+``where`` over fixed-shape arrays, never by indexing with data, so the code runs
+under ``array_api_strict`` and on torch tensors as well as NumPy.
+
+The step, for token t of every stream (SPEC §3):
+
+    1. S_i <- G_t S_i                                   transition
+    2. I_t  = ||R(a) - R(S_open)|| / (||R(S_open)|| + eps)   information_score
+    3. b_t  = [m = 0] or [I_t >= tau]                   is_boundary
+    4. b_t = 0: S_open += s_t                           absorb
+    5. b_t = 1: merge the least dense pair if full,     merge_choice, merge_adjacent
+                then open a slot with s_t               append
+    6. o_t  = sum_{i<m} lambda_t[l(i)] q_t^T S_i        readout
+"""
+
+from __future__ import annotations
+
+from .records import Options
+
+
+# --- 1. transition ----------------------------------------------------------
+
+
+def transition(xp, S, k, alpha, beta, backbone):
+    """Apply the backbone transition G_t to every slot: S_i <- G_t S_i.
+
+        linear: G_t = 1
+        mamba2: G_t = alpha_t
+        gdn:    G_t = alpha_t (I - beta_t k_t k_t^T)
+
+    S [N, K, Dk, Dv], k [N, Dk], alpha [N] (ignored for linear), beta [N] (gdn only).
+    Unused slots are zero and stay zero, since G_t is linear.
+    """
+    if backbone == "linear":
+        return S
+    a = alpha[:, None, None, None]
+    if backbone == "mamba2":
+        return a * S
+    kS = xp.matmul(k[:, None, None, :], S)  # k^T S_i: [N, K, 1, Dv]
+    return a * (S - beta[:, None, None, None] * (k[:, None, :, None] * kS))
+
+
+def contribution(xp, k, v, beta, backbone):
+    """The token's contribution to memory: s_t = k_t v_t^T (times beta_t for gdn).
+
+    k [N, Dk], v [N, Dv], beta [N] -> s [N, Dk, Dv].
+    """
+    s = k[:, :, None] * v[:, None, :]
+    if backbone == "gdn":
+        s = beta[:, None, None] * s
+    return s
+
+
+# --- 2. information score ---------------------------------------------------
+
+
+def slot_mask(xp, m, K, offset=0):
+    """One-hot of slot m + offset per stream: [N, K] bool (all False if out of range)."""
+    slot = xp.arange(K, dtype=m.dtype)
+    return slot[None, :] == (m + offset)[:, None]
+
+
+def open_state(xp, S, m):
+    """The open (newest) state S_{m-1}, or zeros when m = 0.  S [N, K, Dk, Dv] -> [N, Dk, Dv]."""
+    pick = xp.astype(slot_mask(xp, m, S.shape[1], offset=-1), S.dtype)
+    return xp.sum(pick[:, :, None, None] * S, axis=1)
+
+
+def frobenius(xp, X):
+    """||X||_F over the last two axes: [N, Dk, Dv] -> [N]."""
+    return xp.sqrt(xp.sum(X * X, axis=(-2, -1)))
+
+
+def rms_normalize(xp, X, eps):
+    """R(X) = X / sqrt(mean(X^2) + eps), the mean over all Dk*Dv entries, no gain."""
+    ms = xp.mean(X * X, axis=(-2, -1))
+    return X / xp.sqrt(ms + eps)[:, None, None]
+
+
+def information_score(xp, s, S_open, opts: Options):
+    """I_t = ||R(A) - R(S_open)||_F / (||R(S_open)||_F + eps)     [N]
+
+    A = s_t (score="token", the default) or S_open + s_t (score="state");
+    R = rms_normalize if opts.normalize, else the identity.
+    S_open is the open state after the transition. The value is meaningless for a
+    stream with no open slot (m = 0); ``step`` replaces it by 0 there.
+    """
+    A = s if opts.score == "token" else S_open + s
+    if opts.normalize:
+        A, S_open = rms_normalize(xp, A, opts.eps), rms_normalize(xp, S_open, opts.eps)
+    return frobenius(xp, A - S_open) / (frobenius(xp, S_open) + opts.eps)
+
+
+# --- 3. boundary --------------------------------------------------------------
+
+
+def is_boundary(xp, score, m, opts: Options):
+    """b_t = [m = 0] or [I_t >= tau]   (note >=; tau = +inf never, -inf always)   [N] bool.
+
+    With capacity K = 1 no pair can ever be merged, so only the first token of a
+    stream opens a slot: DLA with K = 1 is the single-state backbone (SPEC §3.5c).
+    """
+    empty = m == 0
+    if opts.capacity == 1:
+        return empty
+    return empty | (score >= opts.tau)
+
+
+# --- 5a. capacity-bounded merging ---------------------------------------------
+
+
+def pair_density(xp, n, info):
+    """Density of each adjacent pair: (J_j + J_{j+1}) / (n_j + n_{j+1}),  [N, K-1].
+
+    Pairs that involve an unused slot (n = 0) get +inf, so they are never chosen.
+    """
+    count = n[:, :-1] + n[:, 1:]
+    safe = xp.where(count > 0, count, xp.ones_like(count))
+    density = (info[:, :-1] + info[:, 1:]) / xp.astype(safe, info.dtype)
+    return xp.where(count > 0, density, xp.full_like(density, float("inf")))
+
+
+def merge_choice(xp, n, info, m, boundary, capacity):
+    """The pair to merge before a new slot is opened, or -1.   [N] int
+
+    A merge happens iff b_t = 1 and the cache is full (m = K, K >= 2). Then
+    j = argmin_{j in 0..K-2} (J_j + J_{j+1}) / (n_j + n_{j+1}); ties go to the
+    smallest j (the oldest pair), which is what the array API's argmin returns.
+    The open state takes part (pair K-2, K-1); the new token does not.
+    """
+    none = xp.full_like(m, -1)
+    if capacity == 1:
+        return none
+    j = xp.astype(xp.argmin(pair_density(xp, n, info), axis=-1), m.dtype)
+    return xp.where(boundary & (m == capacity), j, none)
+
+
+def merge_adjacent(xp, x, j, fill=0):
+    """Merge slot j+1 into slot j and shift the later slots left by one.
+
+    x [N, K, ...] (S, n, info, or any per-slot field), j [N] (-1: leave x as is).
+    Slot j becomes x_j + x_{j+1}; slot i > j becomes x_{i+1}; slot K-1 becomes
+    ``fill`` (the value of an unused slot).
+    """
+    tail = xp.full_like(x[:, :1, ...], fill)
+    shifted = xp.concat([x[:, 1:, ...], tail], axis=1)  # slot i holds x_{i+1}
+    extra = (1,) * (x.ndim - 2)
+    slot = xp.reshape(xp.arange(x.shape[1], dtype=j.dtype), (1, -1) + extra)
+    jj = xp.reshape(j, (-1, 1) + extra)
+    merged = xp.where(slot < jj, x, xp.where(slot == jj, x + shifted, shifted))
+    return xp.where(jj >= 0, merged, x)
+
+
+# --- 4 / 5b. absorb or append -------------------------------------------------
+
+
+def write_token(xp, x, m, boundary, value):
+    """Write one token's value into the slot fields: absorb or append.
+
+    b_t = 0: slot m-1 (the open slot) += value          (absorb)
+    b_t = 1: slot m (a fresh, zero slot) = value         (append)
+    x [N, K, ...], m [N] slots in use *after* any merge, boundary [N], value [N, ...].
+    Both cases are "add value to slot m - 1 + b", because a fresh slot holds zero.
+    """
+    target = m - 1 + xp.astype(boundary, m.dtype)
+    hit = slot_mask(xp, target, x.shape[1])
+    hit = xp.reshape(hit, hit.shape + (1,) * (x.ndim - 2))
+    return xp.where(hit, x + xp.expand_dims(value, axis=1), x)
+
+
+# --- 6. readout -----------------------------------------------------------------
+
+
+def slot_weights(xp, lam, m, slots):
+    """Weight of each slot for the readout: w_i = lambda[l(i)] if i < m else 0.   [N, K]
+
+    slots="oldest-first": l(i) = i;  "newest-first": l(i) = m - 1 - i.
+    lam [N, K] >= 0.
+    """
+    K = lam.shape[1]
+    slot = xp.arange(K, dtype=m.dtype)
+    used = slot[None, :] < m[:, None]
+    if slots == "newest-first":
+        # w_i = sum_c lambda_c [c = m-1-i], a gather written as a one-hot sum.
+        col = m[:, None] - 1 - slot[None, :]  # [N, K]: the lambda column of slot i
+        onehot = xp.astype(col[:, :, None] == slot[None, None, :], lam.dtype)
+        lam = xp.sum(onehot * lam[:, None, :], axis=-1)
+    return xp.where(used, lam, xp.zeros_like(lam))
+
+
+def readout(xp, q, S, w):
+    """o_t = sum_i w_i q_t^T S_i.   q [N, Dk], S [N, K, Dk, Dv], w [N, K] -> [N, Dv]."""
+    qS = xp.matmul(q[:, None, None, :], S)[:, :, 0, :]  # [N, K, Dv]
+    return xp.sum(w[:, :, None] * qS, axis=1)
+
+
+# --- the whole step -----------------------------------------------------------
+
+
+def step(xp, cache, token, opts: Options, decide):
+    """One token for N streams: transition, score, decide, merge, write, read out.
+
+    cache  (S [N,K,Dk,Dv], n [N,K] int, info [N,K], m [N] int)   -- streams, not [B,H]
+    token  (q [N,Dk], k [N,Dk], v [N,Dv], lam [N,K], alpha [N] | None, beta [N] | None)
+    decide (score, m, n, info) -> (boundary [N] bool, merged [N] int): the partition
+           policy. ``dla_decision`` is DLA's; a forced trace or a fixed schedule are others.
+    Returns (cache', o [N, Dv], score [N], boundary [N], merged [N], density_margin [N]),
+    where density_margin is the chosen pair's density minus the smallest one (0 if
+    the choice was DLA's own, +inf-free; 0 where no merge happened).
+    """
+    S, n, info, m = cache
+    q, k, v, lam, alpha, beta = token
+
+    S = transition(xp, S, k, alpha, beta, opts.backbone)
+    s = contribution(xp, k, v, beta, opts.backbone)
+    score = information_score(xp, s, open_state(xp, S, m), opts)
+    score = xp.where(m > 0, score, xp.zeros_like(score))  # I_0 := 0 (SPEC §3.3)
+
+    boundary, merged = decide(score, m, n, info)
+    margin = density_margin(xp, n, info, merged)
+
+    S = merge_adjacent(xp, S, merged)
+    n = merge_adjacent(xp, n, merged)
+    info = merge_adjacent(xp, info, merged)
+    m = m - xp.astype(merged >= 0, m.dtype)
+
+    S = write_token(xp, S, m, boundary, s)
+    n = write_token(xp, n, m, boundary, xp.ones_like(m))
+    info = write_token(xp, info, m, boundary, score)
+    m = m + xp.astype(boundary, m.dtype)
+
+    o = readout(xp, q, S, slot_weights(xp, lam, m, opts.slots))
+    return (S, n, info, m), o, score, boundary, merged, margin
+
+
+def dla_decision(xp, opts: Options):
+    """DLA's own partition policy: the boundary rule, then the density merge."""
+
+    def decide(score, m, n, info):
+        boundary = is_boundary(xp, score, m, opts)
+        return boundary, merge_choice(xp, n, info, m, boundary, opts.capacity)
+
+    return decide
+
+
+def density_margin(xp, n, info, merged):
+    """How much denser the merged pair is than the least dense one (>= 0), [N].
+
+    0 where no merge happened. Used by the admissibility check (SPEC §4) to judge a
+    merge index that another implementation chose.
+    """
+    zero = xp.zeros(merged.shape, dtype=info.dtype)
+    if n.shape[1] < 2:
+        return zero
+    density = pair_density(xp, n, info)
+    pair = xp.arange(density.shape[1], dtype=merged.dtype)
+    chosen_mask = pair[None, :] == merged[:, None]
+    chosen = xp.sum(xp.where(chosen_mask, density, xp.zeros_like(density)), axis=1)
+    smallest = xp.min(density, axis=1)
+    # a forced merge of a pair touching an unused slot has density inf: keep it visible
+    return xp.where(merged >= 0, chosen - smallest, zero)
