@@ -79,6 +79,9 @@ register("dla", Implementation(
     "triton", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.triton_kernels:dla", _triton_available, state_dtype="float32"))
 register("dla", Implementation(
+    "cuda-model", ("numpy",), ("cpu",), ("float32", "float64"),
+    "dla_backends.cuda_model:dla"))
+register("dla", Implementation(
     "cupy", ("cupy",), ("cuda",), ("float32", "float64"),
     "dla_backends.cupy_kernels:dla", _cupy_available, state_dtype="float32"))
 
