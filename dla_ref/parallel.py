@@ -41,18 +41,20 @@ def materialized(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta
     return from_streams(xp, o, B, H)
 
 
-def partition_history(xp, boundary, merged, capacity):
+def partition_history(xp, boundary, merged, capacity, n=None, m=None):
     """Replay a trace on the slot counts alone.   -> counts [N, T, K] int, m [N, T] int
 
-    counts[:, t, i] = n_i after token t. It uses the same merge and write functions
-    as the recurrent step, on the token counts instead of the states, so the start
-    token of slot i at time t is sum_{l < i} counts[:, t, l]. The trace is checked
-    against the capacity as it is replayed.
+    boundary [N, T] bool, merged [N, T] int; n [N, K], m [N] the counts of an initial
+    cache (empty if None). counts[:, t, i] = n_i after token t. It uses the same merge
+    and write functions as the recurrent step, on the token counts instead of the
+    states, so the start token of slot i at time t is sum_{l < i} counts[:, t, l]
+    (from an empty cache). A trace that does not fit the capacity raises ValueError,
+    so backends call this to check a forced trace before running it.
     """
     N, T = boundary.shape
     K = capacity
-    n = xp.zeros((N, K), dtype=xp.int64)
-    m = xp.zeros((N,), dtype=xp.int64)
+    n = xp.zeros((N, K), dtype=xp.int64) if n is None else n
+    m = xp.zeros((N,), dtype=xp.int64) if m is None else m
     opts = check_options(capacity=K, tau=0.0, backbone="linear", score="token",
                          normalize=True, slots="oldest-first", eps=1.0)
     counts, used = [], []
