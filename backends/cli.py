@@ -1,6 +1,7 @@
 """The ``dla`` command: ``dla demo``, ``dla check --backend NAME``, ``dla bench``.
 
-Each subcommand lives in its own module and is imported only when it runs.
+Each subcommand lives in its own module, with ``add_arguments(parser)`` and
+``run(args) -> exit code``; only the module of the chosen subcommand is imported.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="dla", description="Dynamic Linear Attention")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     modules = {}
     for name, (module, help_) in SUBCOMMANDS.items():
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(sub.add_parser(name, help=help_,
-                                                   description=modules[name].__doc__))
+        child = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(child)
     args = parser.parse_args(argv)
     return modules[args.command].run(args) or 0
 
