@@ -95,6 +95,37 @@ def information_score(xp, s, S_open, opts: Options):
     return frobenius(xp, A - S_open) / (frobenius(xp, S_open) + opts.eps)
 
 
+def information_score_from_scalars(xp, ss, SS, sS, size, opts: Options):
+    """I_t from three scalars per stream (SPEC §7); equals ``information_score``.   [N]
+
+    ss = ||s_t||_F^2, SS = ||S_open||_F^2, sS = <S_open, s_t>_F, each [N];
+    size = Dk * Dv, the number of entries R averages over. For s_t = beta_t k_t v_t^T
+    the scalars are beta^2 ||k||^2 ||v||^2, ||S_open||^2 and beta k^T S_open v, so a
+    chunked scan can decide boundaries without forming a Dk x Dv difference per token.
+    With B = S_open and A = s_t (score="token") or S_open + s_t (score="state"):
+
+        ||A||^2 = ss or SS + 2 sS + ss,      <A, B> = sS or SS + sS
+        r_X     = 1 / sqrt(||X||^2 / size + eps)      (r_X = 1 if not normalize)
+        I_t     = sqrt(r_A^2 ||A||^2 - 2 r_A r_B <A, B> + r_B^2 ||B||^2) / (r_B ||B|| + eps)
+
+    The expansion cancels where R(A) is close to R(B): there I_t carries an absolute
+    error of about sqrt(machine epsilon) (1e-8 in float64, 3e-4 in float32) and the
+    radicand can round below 0, which is read as 0. Near tau = 0.6 the error is of
+    the order of machine epsilon, as in the direct form.
+    """
+    if opts.score == "token":
+        AA, AB = ss, sS
+    else:
+        AA, AB = SS + 2 * sS + ss, SS + sS
+    if opts.normalize:
+        rA, rB = 1 / xp.sqrt(AA / size + opts.eps), 1 / xp.sqrt(SS / size + opts.eps)
+    else:
+        rA, rB = xp.ones_like(SS), xp.ones_like(SS)
+    radicand = rA * rA * AA - 2 * rA * rB * AB + rB * rB * SS
+    distance = xp.sqrt(xp.maximum(radicand, xp.zeros_like(radicand)))
+    return distance / (rB * xp.sqrt(SS) + opts.eps)
+
+
 # --- 3. boundary --------------------------------------------------------------
 
 
