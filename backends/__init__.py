@@ -74,7 +74,7 @@ register("dla", Implementation(
     "dla_backends.torch_scan:dla", _torch_device_available("cpu"), state_dtype="float32"))
 register("dla", Implementation(
     "torch-chunked", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
-    "dla_backends.torch_chunked:dla", _torch_device_available("cpu"), state_dtype="float32"))
+    "dla_backends.torch_chunked:dla", _torch_device_available("cpu")))
 register("dla", Implementation(
     "triton", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.triton_kernels:dla", _triton_available, state_dtype="float32"))
