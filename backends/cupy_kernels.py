@@ -1,0 +1,98 @@
+"""DLA on the GPU through CuPy: the CUDA kernel of backends/cuda/dla_scan.cu.
+
+Registered as "cupy" (CuPy arrays on a CUDA device). ``dla`` has the signature and result
+of ``dla_ref.dla``; the state (S, info, scores) is kept in float32, o comes back in the
+input's dtype. Two entry points, one kernel:
+
+    dla(q, k, v, lam, ...)                prefill: every token of every stream
+    decode_step(q, k, v, lam, cache, ...) one token of every stream ([B, H, ...] inputs)
+
+The host side (validation by dla_ref.validation, the stream layout of dla_ref.recurrent,
+the check of a forced trace by dla_ref.parallel.partition_history) is shared with the
+NumPy model of the kernel, ``dla_backends.cuda_model``; this module adds only the launch.
+CuPy is imported when a kernel is first launched, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from .cuda_model import BLOCK, one_token, run
+
+SOURCE = Path(__file__).with_name("cuda") / "dla_scan.cu"
+STATE_DTYPE = "float32"  # the registry's state_dtype for "cupy"; "float64" is tested too
+BACKBONE_CODES = {"linear": 0, "mamba2": 1, "gdn": 2}  # dla::Backbone
+KERNELS = {"float32": "dla_scan<float>", "float64": "dla_scan<double>"}
+
+__all__ = ["decode_step", "dla"]
+
+
+def dla(q, k, v, lam, **options):
+    """``dla_ref.dla`` (same arguments, same result) on the GPU; state in float32."""
+    return run(launch, q, k, v, lam, state_dtype=STATE_DTYPE, **options)
+
+
+def decode_step(q, k, v, lam, cache, **options):
+    """One token of every stream, continuing ``cache``: dla_scan launched with T = 1.
+
+    q, k [B, H, Dk], v [B, H, Dv], lam [B, H, K], log_alpha / beta [B, H]; options as
+    ``dla``. Returns Result(o [B, H, Dv], cache, trace with [B, H] fields).
+    """
+    return one_token(launch, q, k, v, lam, cache, state_dtype=STATE_DTYPE, **options)
+
+
+@functools.cache
+def kernel(state_dtype):
+    """The compiled dla_scan for a state dtype ("float32" or "float64"), built once."""
+    import cupy
+
+    module = cupy.RawModule(code=SOURCE.read_text(), name_expressions=tuple(KERNELS.values()),
+                            options=("--std=c++17", f"-DDLA_BLOCK={BLOCK}"))
+    return module.get_function(KERNELS[state_dtype])
+
+
+def shared_bytes(K, Dv, itemsize):
+    """dla_scan's dynamic shared memory: n_s int64[K] | info_s[K] | red[2 BLOCK] | col[G Dv]."""
+    G = BLOCK // min(Dv, BLOCK)
+    return 8 * K + itemsize * (K + 2 * BLOCK + G * Dv)
+
+
+def launch(tokens, cache, forced, opts):
+    """One launch of dla_scan: grid = N blocks (one per stream), BLOCK threads each.
+
+    tokens (q, k, v, lam, alpha, beta) [N, T, ...] and cache (S, n, info, m) as laid out by
+    dla_ref.recurrent.prepare, in the state dtype; forced = (boundary, merged) [N, T] or
+    None. Returns (o [N, T, Dv], scores, boundary, merged [N, T], cache) as CuPy arrays.
+    """
+    import cupy
+
+    q, k, v, lam, alpha, beta = (None if x is None else cupy.ascontiguousarray(x)
+                                 for x in tokens)
+    # the kernel updates the cache in place: work on copies, never on the caller's arrays
+    S, n, info, m = (cupy.array(x, order="C") for x in cache)
+    N, T, Dk = q.shape
+    Dv, K, dtype = v.shape[2], opts.capacity, S.dtype
+    unused = cupy.zeros(1, dtype)  # stands for alpha / beta where the backbone has none
+    forced_b, forced_j = ((cupy.zeros(1, bool), cupy.zeros(1, np.int64)) if forced is None else
+                          (cupy.ascontiguousarray(x) for x in forced))
+    o = cupy.empty((N, T, Dv), dtype)
+    scores = cupy.empty((N, T), dtype)
+    boundary = cupy.empty((N, T), bool)
+    merged = cupy.empty((N, T), np.int64)
+
+    scan = kernel(dtype.name)
+    shared = shared_bytes(K, Dv, dtype.itemsize)
+    if shared > 48 * 1024:  # above the default limit a kernel must opt in
+        scan.max_dynamic_shared_size_bytes = shared
+    scan((N,), (BLOCK,), (
+        q, k, v, lam, unused if alpha is None else alpha, unused if beta is None else beta,
+        forced_b, forced_j, S, n, info, m, o, scores, boundary, merged,
+        np.int32(T), np.int32(K), np.int32(Dk), np.int32(Dv),
+        np.int32(BACKBONE_CODES[opts.backbone]), np.int32(opts.score == "state"),
+        np.int32(opts.normalize), np.int32(opts.slots == "newest-first"),
+        np.int32(forced is not None), np.float64(opts.tau), dtype.type(opts.eps),
+    ), shared_mem=shared)
+    return o, scores, boundary, merged, (S, n, info, m)
