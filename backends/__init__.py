@@ -71,7 +71,7 @@ register("dla", Implementation(
     "dla_backends.numba_scan:dla", package_available("numba")))
 register("dla", Implementation(
     "torch", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
-    "dla_backends.torch_scan:dla", _torch_device_available("cpu"), state_dtype="float32"))
+    "dla_backends.torch_scan:dla", _torch_device_available("cpu")))
 register("dla", Implementation(
     "torch-chunked", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.torch_chunked:dla", _torch_device_available("cpu")))
