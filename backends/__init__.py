@@ -98,8 +98,8 @@ def describe(x) -> tuple[str, str, str]:
     """(namespace, device, dtype) of an array, as the registry names them."""
     xp = array_api_compat.array_namespace(x)
     namespace = xp.__name__.split(".")[-1]  # array_api_compat.torch -> torch
-    device = str(array_api_compat.device(x))
-    device = "cuda" if ("cuda" in device or "gpu" in device.lower()) else "cpu"
+    device = str(array_api_compat.device(x)).lower()  # torch "cuda:0", cupy "<CUDA Device 0>"
+    device = "cuda" if ("cuda" in device or "gpu" in device) else "cpu"
     dtype = str(x.dtype).split(".")[-1]
     return namespace, device, dtype
 
