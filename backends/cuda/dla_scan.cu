@@ -70,6 +70,10 @@ struct Options {
   real eps;
 };
 
+// sqrt for the state type, spelled out: NVRTC and nvcc must pick the same function.
+__device__ inline float square_root(float x) { return sqrtf(x); }
+__device__ inline double square_root(double x) { return sqrt(x); }
+
 // Which entries of a Dk x Dv state thread `tid` owns.
 //   C = min(Dv, DLA_BLOCK) column lanes, G = DLA_BLOCK / C row groups;
 //   lane = tid % C, group = tid / C;
@@ -181,8 +185,8 @@ __device__ real information_score(const real* S_open, const real* k, const real*
       }
     block_sum_pair(sum_AA, sum_SS, red);
     const real entries = real(Dk) * real(Dv);
-    scale_A = sqrt(sum_AA / entries + opt.eps);
-    scale_S = sqrt(sum_SS / entries + opt.eps);
+    scale_A = square_root(sum_AA / entries + opt.eps);
+    scale_S = square_root(sum_SS / entries + opt.eps);
   }
   real sum_diff = 0, sum_RS = 0;
   for (int j = own.first_col; j < Dv; j += own.C)
@@ -195,7 +199,7 @@ __device__ real information_score(const real* S_open, const real* k, const real*
       sum_RS += RS * RS;
     }
   block_sum_pair(sum_diff, sum_RS, red);
-  return sqrt(sum_diff) / (sqrt(sum_RS) + opt.eps);
+  return square_root(sum_diff) / (square_root(sum_RS) + opt.eps);
 }
 
 // Merge slot j+1 into slot j and shift slots j+2 ... K-1 left by one; slot K-1 becomes 0
