@@ -18,6 +18,7 @@ table), with the float64 reference as the expected side. The general differentia
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import dla_ref
 from dla_backends import cuda_model
 from dla_backends.testing import assert_matches_reference, to_native, to_numpy
 
+ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((Path(dla_backends.__file__).parent / "cuda").glob("*.cu"))
 
 # (Dk, Dv) -> what it exercises, for BLOCK = 256 threads (C = min(Dv, BLOCK) column
@@ -85,6 +87,19 @@ def test_source_compiles_for_sm90_without_warnings(source, tmp_path):
 
 def test_there_are_sources():
     assert CUDA_SOURCES, "no backends/cuda/*.cu found"
+
+
+def test_gpu_check_dry_run_lists_its_parts_and_runs_none(tmp_path):
+    """scripts/gpu_check.sh --dry-run works here, so the GPU machine's run is no first try."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("nvidia-smi", "cuda kernel tests", "differential cupy",
+                 "differential triton@cuda", "differential torch@cuda",
+                 "differential torch-chunked@cuda"):
+        assert f"would run [{name}]" in done.stdout, done.stdout
+    assert "=== [" not in done.stdout  # the header of a part that runs
 
 
 # --- (b) the model of the decomposition ---------------------------------------------------
