@@ -1,0 +1,88 @@
+"""The backend fixture and the Hypothesis profiles of the whole test suite.
+
+``backend``: every test that asks for it runs once per name in the environment
+variable DLA_BACKENDS (a comma list of ``dla_backends.testing.BACKENDS`` names, a
+torch-based one optionally suffixed @cpu or @cuda), e.g.
+
+    DLA_BACKENDS=triton@cuda,torch@cuda,torch-chunked@cuda,cupy pytest tests
+
+Unset, it is every backend that can run on a CPU. An unknown name stops the run with
+the list of known ones; one that cannot run here (not installed, no GPU, module not
+written yet) is skipped with the reason, which ``pytest -ra`` shows in the summary.
+
+Hypothesis profiles: "ci" (derandomized, the default) and "dev" (random, more
+examples), picked by HYPOTHESIS_PROFILE. ``examples`` is the number of Hypothesis
+examples a differential test runs for the current backend: the profile's, scaled
+down for backends that are slow here (interpreted Triton).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def cuda_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Triton reads TRITON_INTERPRET when it is first imported, so this must run before any
+# test module (or plugin) imports it: without CUDA the kernels run in the interpreter.
+if not cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+from dla_backends import testing  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
+                          print_blob=True)
+settings.register_profile("dev", derandomize=False, max_examples=200, deadline=None,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CPU_BACKENDS = ("numpy", "array_api_strict", "reference-torch", "numba", "torch",
+                "torch-chunked", "triton", "cuda-model")
+
+# Share of the profile's examples a backend runs: the interpreted Triton kernels take
+# seconds per case on a CPU, so they get fewer. On CUDA everything runs in full.
+EXAMPLE_SHARE = {"triton@cpu": 0.15}
+
+
+def backend_names() -> list[str]:
+    names = os.environ.get("DLA_BACKENDS", "")
+    return [n.strip() for n in names.split(",") if n.strip()] or list(CPU_BACKENDS)
+
+
+def pytest_configure(config):
+    for name in backend_names():
+        try:
+            testing.parse_backend(name)
+        except ValueError as exc:
+            raise pytest.UsageError(f"DLA_BACKENDS: {exc}") from None
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backend_names(), indirect=True)
+
+
+@pytest.fixture
+def backend(request) -> testing.Candidate:
+    """The candidate for one DLA_BACKENDS name; skipped if it cannot run here."""
+    ok, why = testing.availability(request.param)
+    if not ok:
+        pytest.skip(f"backend {request.param} unavailable: {why}")
+    return testing.get_backend(request.param)
+
+
+@pytest.fixture
+def examples(backend) -> int:
+    """Hypothesis examples per differential test for this backend (at least 1)."""
+    share = EXAMPLE_SHARE.get(backend.label, 1.0)
+    return max(1, round(settings().max_examples * share))

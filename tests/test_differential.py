@@ -1,0 +1,60 @@
+"""The differential suite: every backend against the reference, both layers of SPEC §4.
+
+Written once against the ``backend`` fixture (tests/conftest.py, DLA_BACKENDS). Each
+case runs the backend, then ``check_case`` checks its layout, its decisions (layer 1:
+admissible, exact rules, equal to the reference's where they are clear) and its values
+(layer 2: the reference replaying the backend's trace agrees within the tolerance table).
+A backend that raises NotImplementedError for an option combination is "not applicable"
+there: a named case is skipped with its message, a Hypothesis example is rejected.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, note, reject, settings
+
+import dla_ref
+from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, build_case, case_specs,
+                                  check_case, reference_candidate)
+
+
+def check_or_skip(backend: Candidate, spec: CaseSpec) -> None:
+    try:
+        check_case(backend, build_case(spec))
+    except NotImplementedError as exc:
+        pytest.skip(f"{backend.label}: not applicable to {spec!r}: {exc}")
+
+
+@pytest.mark.parametrize("name", NAMED_CASES)
+def test_named_case(backend, name):
+    """The regression cases at the known bug sites (T = 1, K = 1, ties, ...)."""
+    check_or_skip(backend, NAMED_CASES[name])
+
+
+@pytest.mark.parametrize("backbone", dla_ref.BACKBONES)
+def test_drawn_cases(backend, backbone, examples):
+    """Hypothesis-drawn cases of one backbone (shapes, options and edge values drawn).
+
+    The backbone's default case runs first: a backend that does not support the
+    backbone at all is skipped with its reason rather than rejecting every example.
+    """
+    check_or_skip(backend, CaseSpec(backbone=backbone))
+
+    @settings(max_examples=examples)
+    @given(spec=case_specs(backbone))
+    def check(spec):
+        try:
+            check_case(backend, build_case(spec))
+        except NotImplementedError as exc:
+            note(f"not applicable: {exc}")
+            reject()
+
+    check()
+
+
+@settings(max_examples=60)
+@given(spec=case_specs())
+def test_float32_reference_fits_the_float32_tolerances(spec):
+    """The tolerance table is not too tight: the reference computing in float32 passes
+    the float32 row on drawn cases, its decisions at ties included."""
+    check_case(reference_candidate("float32"), build_case(spec))
