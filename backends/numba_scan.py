@@ -1,0 +1,374 @@
+"""The Numba backend: DLA's recurrent scan (SPEC §3), compiled, parallel over streams.
+
+v1 (this file, the shipped and tested version): a direct port of ``dla_ref.step`` to
+one stream at a time, compiled with ``numba.njit`` and run for the N = B*H streams in
+parallel with ``prange`` (streams are independent, so the result does not depend on
+the number of threads). Validated against ``dla_ref.dla`` in
+tests/test_numba_backend.py and the differential suite before it is timed.
+
+Where it departs from the letter of the reference, and why:
+
+- The state is kept in the input dtype (float32 or float64), not in float64.
+- A stream's cache is private scratch of fixed shape (S [K, Dk, Dv], n [K], info [K],
+  m), so a merge shifts the later slots left in place instead of building a new cache.
+- Only the m used slots are transitioned and read: unused slots are zero, and G_t and
+  the readout map zero to zero, so skipping them changes nothing.
+- The score is computed from three scalars (SPEC §7) instead of from s_t itself:
+  ||A||^2, ||B||^2 and <A, B>, with B = S_open and A = s_t or S_open + s_t. They are
+  accumulated in float64 whatever the state dtype, because the expanded norm
+  ||aA - bB||^2 = a^2 ||A||^2 - 2ab <A, B> + b^2 ||B||^2 cancels when A is nearly
+  parallel to B: float32 terms would leave an error of ~sqrt(float32 eps) ~ 3e-4 in a
+  small I_t; float64 terms leave ~1e-8.
+- Pair densities are divided in float64, which is exact for the counts and at least
+  as accurate as the state dtype.
+- linear and mamba2 take beta_t = 1 (so s_t = beta_t k_t v_t^T covers all three
+  backbones with one code path; multiplying by 1 is exact), and linear never
+  touches alpha_t.
+
+No fastmath: the reference relies on IEEE semantics (tau = +inf never opens a slot,
+-inf always does; comparisons and ties are exact), and reductions keep a fixed order.
+Inner loops run over the contiguous Dv axis with no loop-carried dependence, so LLVM
+vectorizes them without reassociating anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from dla_ref.parallel import partition_history
+from dla_ref.records import Result, Trace
+from dla_ref.recurrent import cache_from_streams, from_streams, prepare, to_streams
+from dla_ref.validation import check_options, check_trace_shape
+
+LINEAR, MAMBA2, GDN = 0, 1, 2
+BACKBONE_CODE = {"linear": LINEAR, "mamba2": MAMBA2, "gdn": GDN}
+STATE_DTYPES = (np.float32, np.float64)
+
+
+def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
+        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
+        trace=None, initial_cache=None) -> Result:
+    """``dla_ref.dla`` compiled: same arguments, checks, errors and result.
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K]; log_alpha, beta [B, T, H]
+    (NumPy arrays). The state, the outputs and the scores are in q's dtype, which must
+    be float32 or float64 (other inputs are cast to it). A forced ``trace`` is checked
+    against the (initial) cache before the scan, with the reference's ValueError.
+    """
+    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
+                         normalize=normalize, slots=slots, eps=eps)
+    dtype = state_dtype(q)
+    xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
+                                           initial_cache, dtype)
+    N, K = B * H, opts.capacity
+    q, k, v, lam, alpha, beta = (
+        np.ones((N, T), dtype) if x is None else np.ascontiguousarray(x) for x in tokens)
+    # The scan merges in place: give it copies, never the caller's initial cache.
+    S, n, info, m = (np.array(x, order="C") for x in cache)
+
+    if trace is None:
+        boundary, merged = np.zeros((N, T), np.bool_), np.full((N, T), -1, np.int64)
+    else:
+        check_trace_shape(xp, trace, B, T, H)
+        boundary = np.array(to_streams(xp, trace.boundary), order="C")
+        merged = np.array(to_streams(xp, xp.astype(trace.merged, xp.int64)), order="C")
+        partition_history(xp, boundary, merged, K, n=n, m=m)  # raises if it does not fit
+
+    o = np.empty((N, T, v.shape[2]), dtype)
+    scores = np.empty((N, T), dtype)
+    scan_streams(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
+                 trace is not None, BACKBONE_CODE[opts.backbone], opts.score == "state",
+                 opts.normalize, opts.slots == "newest-first", opts.tau, opts.eps)
+    return Result(
+        o=from_streams(xp, o, B, H),
+        cache=cache_from_streams(xp, (S, n, info, m), B, H),
+        trace=Trace(*(from_streams(xp, x, B, H) for x in (scores, boundary, merged))),
+    )
+
+
+def state_dtype(q):
+    """The dtype the scan computes in: q's, float32 or float64.
+
+    A q that is not a floating array is passed on as float64, so that the reference's
+    checks (in ``prepare``) reject it with their own message.
+    """
+    dtype = getattr(q, "dtype", None)
+    if not isinstance(q, np.ndarray) or not np.issubdtype(dtype, np.floating):
+        return np.float64
+    if dtype not in STATE_DTYPES:
+        raise TypeError(f"the numba backend computes in q's dtype, which must be float32 "
+                        f"or float64, got {dtype}")
+    return dtype
+
+
+# --- the scan: all streams in parallel, one stream token by token --------------------
+
+
+@njit(cache=True, parallel=True)
+def scan_streams(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
+                 forced, backbone, state_score, normalize, newest_first, tau, eps):
+    """Run ``scan_stream`` for every stream n < N, in parallel.
+
+    Streams [N, ...]: q, k [N, T, Dk]; v [N, T, Dv]; lam [N, T, K]; alpha, beta [N, T];
+    cache S [N, K, Dk, Dv], n [N, K], info [N, K], m [N] (updated in place);
+    outputs o [N, T, Dv], scores [N, T]; boundary, merged [N, T]: read if ``forced``,
+    else written.
+    """
+    for i in prange(q.shape[0]):
+        m[i] = scan_stream(q[i], k[i], v[i], lam[i], alpha[i], beta[i], S[i], n[i], info[i],
+                           m[i], o[i], scores[i], boundary[i], merged[i], forced, backbone,
+                           state_score, normalize, newest_first, tau, eps)
+
+
+@njit(cache=True)
+def scan_stream(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
+                forced, backbone, state_score, normalize, newest_first, tau, eps):
+    """One stream, t = 0 ... T-1: SPEC §3's step, in its order.   -> m after token T-1
+
+    q, k [T, Dk]; v [T, Dv]; lam [T, K]; alpha, beta [T]; S [K, Dk, Dv], n, info [K]
+    and the int m are the stream's cache; o [T, Dv] and scores [T] are written;
+    boundary, merged [T] are read if ``forced``, else written.
+    """
+    K, Dk, Dv = S.shape
+    row = np.empty(Dv, S.dtype)  # k^T S_i (gdn) or q^T S_i (readout)
+    terms = np.empty((2, Dv), np.float64)  # per-column partial sums of the score terms
+    for t in range(q.shape[0]):
+        transition(S, m, k[t], alpha[t], beta[t], backbone, row)
+        if m > 0:
+            scores[t] = information_score(S[m - 1], k[t], v[t], beta[t], state_score,
+                                          normalize, eps, terms)
+        else:
+            scores[t] = 0.0  # I_0 := 0: the first token of an empty cache (SPEC §3.3)
+        if not forced:
+            boundary[t] = is_boundary(scores[t], m, K, tau)
+            merged[t] = merge_choice(n, info, m, K, boundary[t])
+        if merged[t] >= 0:
+            merge_adjacent(S, n, info, merged[t], m)
+            m -= 1
+        m = write_token(S, n, info, m, boundary[t], k[t], v[t], beta[t], scores[t])
+        readout(q[t], S, lam[t], m, newest_first, o[t], row)
+    return m
+
+
+# --- 1. transition ----------------------------------------------------------------
+
+
+@njit(cache=True)
+def transition(S, m, k, alpha, beta, backbone, kS):
+    """S_i <- G_t S_i for the m used slots.   S [K, Dk, Dv], k [Dk], kS [Dv] scratch
+
+    linear: G_t = 1 (nothing to do); mamba2: G_t = alpha_t; gdn: G_t =
+    alpha_t (I - beta_t k_t k_t^T), applied to each slot as a rank-1 update (O(Dk Dv)),
+    never as a Dk x Dk matrix.
+    """
+    if backbone == MAMBA2:
+        for i in range(m):
+            decay(S[i], alpha)
+    elif backbone == GDN:
+        for i in range(m):
+            delta_rule(S[i], k, alpha, beta, kS)
+
+
+@njit(cache=True)
+def decay(X, alpha):
+    """X <- alpha X.   X [Dk, Dv]"""
+    Dk, Dv = X.shape
+    for a in range(Dk):
+        for b in range(Dv):
+            X[a, b] *= alpha
+
+
+@njit(cache=True)
+def delta_rule(X, k, alpha, beta, kX):
+    """X <- alpha (X - beta k (k^T X)), in the reference's order of operations.
+
+    X [Dk, Dv], k [Dk], kX [Dv] scratch (receives k^T X).
+    """
+    Dk, Dv = X.shape
+    kX[:] = 0.0
+    for a in range(Dk):
+        for b in range(Dv):
+            kX[b] += k[a] * X[a, b]
+    for a in range(Dk):
+        for b in range(Dv):
+            X[a, b] = alpha * (X[a, b] - beta * (k[a] * kX[b]))
+
+
+# --- 2. information score, from three scalars ------------------------------------
+
+
+@njit(cache=True)
+def information_score(S_open, k, v, beta, state_score, normalize, eps, terms):
+    """I_t = ||R(A) - R(B)||_F / (||R(B)||_F + eps), B = S_open, in float64.
+
+    A = s_t = beta_t k_t v_t^T (score="token") or S_open + s_t (score="state");
+    R(X) = X / sqrt(mean(X^2) + eps) over all Dk*Dv entries if ``normalize``, else the
+    identity. S_open [Dk, Dv] is the open state after the transition; the caller
+    handles the empty cache (I_0 := 0).
+    """
+    ss, SS, sS = score_terms(S_open, k, v, beta, terms)
+    if state_score:  # A = S + s: expand its norm and its product with B = S
+        AA, AB = SS + 2.0 * sS + ss, SS + sS
+    else:
+        AA, AB = ss, sS
+    return score_from_terms(AA, SS, AB, S_open.size, normalize, eps)
+
+
+@njit(cache=True)
+def score_terms(S_open, k, v, beta, terms):
+    """(||s||^2, ||S||^2, <S, s>) for s = beta k v^T, S = S_open, in float64.
+
+    ||s||^2 = beta^2 ||k||^2 ||v||^2 and <S, s> = beta k^T S v need no s. The sums
+    over Dk run per column (terms [2, Dv] scratch: column sums of S*S and of k S),
+    which keeps the inner loop free of a reduction and so vectorizable.
+    """
+    Dk, Dv = S_open.shape
+    terms[:] = 0.0
+    for a in range(Dk):
+        ka = np.float64(k[a])
+        for b in range(Dv):
+            x = np.float64(S_open[a, b])
+            terms[0, b] += x * x
+            terms[1, b] += ka * x
+    SS, kSv, kk, vv = 0.0, 0.0, 0.0, 0.0
+    for b in range(Dv):
+        vb = np.float64(v[b])
+        SS += terms[0, b]
+        kSv += terms[1, b] * vb
+        vv += vb * vb
+    for a in range(Dk):
+        kk += np.float64(k[a]) * np.float64(k[a])
+    bt = np.float64(beta)
+    return bt * bt * kk * vv, SS, bt * kSv
+
+
+@njit(cache=True)
+def score_from_terms(AA, BB, AB, size, normalize, eps):
+    """||R(A) - R(B)||_F / (||R(B)||_F + eps) from ||A||^2, ||B||^2, <A, B>.
+
+    With a = 1 / sqrt(||A||^2 / size + eps) and b likewise (a = b = 1 without
+    normalization): ||aA - bB||^2 = a^2 ||A||^2 - 2ab <A, B> + b^2 ||B||^2 and
+    ||R(B)|| = b ||B||. The expansion can round below zero when A is parallel to B;
+    the true value is then 0.
+    """
+    if normalize:
+        a = 1.0 / np.sqrt(AA / size + eps)
+        b = 1.0 / np.sqrt(BB / size + eps)
+    else:
+        a, b = 1.0, 1.0
+    diff = a * a * AA - 2.0 * a * b * AB + b * b * BB
+    return np.sqrt(max(diff, 0.0)) / (b * np.sqrt(BB) + eps)
+
+
+# --- 3. boundary, 5a. merge choice -----------------------------------------------
+
+
+@njit(cache=True)
+def is_boundary(score, m, K, tau):
+    """b_t = [m = 0] or [I_t >= tau] (note >=); with K = 1 only the first token opens a slot."""
+    if m == 0:
+        return True
+    return K > 1 and score >= tau
+
+
+@njit(cache=True)
+def merge_choice(n, info, m, K, boundary):
+    """The pair j to merge before a new slot opens, or -1.
+
+    A merge happens iff b_t = 1 and the cache is full (m = K >= 2). Then
+    j = argmin_{j in 0..K-2} (J_j + J_{j+1}) / (n_j + n_{j+1}), ties to the smallest j
+    (the strict < below keeps the first minimum). All K slots are used, so every
+    count is >= 1. The open slot K-1 takes part; the new token does not.
+    """
+    if not boundary or m < K or K < 2:
+        return -1
+    best, best_density = 0, pair_density(n, info, 0)
+    for j in range(1, K - 1):
+        density = pair_density(n, info, j)
+        if density < best_density:
+            best, best_density = j, density
+    return best
+
+
+@njit(cache=True)
+def pair_density(n, info, j):
+    """(J_j + J_{j+1}) / (n_j + n_{j+1}), divided in float64."""
+    return np.float64(info[j] + info[j + 1]) / np.float64(n[j] + n[j + 1])
+
+
+# --- 5a. merge, 4 / 5b. absorb or append -------------------------------------------
+
+
+@njit(cache=True)
+def merge_adjacent(S, n, info, j, m):
+    """Slot j <- slot j + slot j+1; slots j+2 ... m-1 move left by one; slot m-1 is freed.
+
+    S [K, Dk, Dv], n, info [K], in place (the stream's private cache).
+    """
+    add_into(S[j], S[j + 1])
+    n[j] += n[j + 1]
+    info[j] += info[j + 1]
+    for i in range(j + 1, m - 1):
+        copy_into(S[i], S[i + 1])
+        n[i], info[i] = n[i + 1], info[i + 1]
+    S[m - 1] = 0.0
+    n[m - 1], info[m - 1] = 0, 0.0
+
+
+@njit(cache=True)
+def add_into(X, Y):
+    """X <- X + Y.   X, Y [Dk, Dv]"""
+    Dk, Dv = X.shape
+    for a in range(Dk):
+        for b in range(Dv):
+            X[a, b] += Y[a, b]
+
+
+@njit(cache=True)
+def copy_into(X, Y):
+    """X <- Y.   X, Y [Dk, Dv] (an explicit loop compiles far faster than X[:] = Y)"""
+    Dk, Dv = X.shape
+    for a in range(Dk):
+        for b in range(Dv):
+            X[a, b] = Y[a, b]
+
+
+@njit(cache=True)
+def write_token(S, n, info, m, boundary, k, v, beta, score):
+    """Absorb (b_t = 0) or append (b_t = 1) the token.   -> m after the write
+
+    Slot m - 1 + b_t receives (s_t, 1, I_t) by addition: the open slot when absorbing,
+    a fresh zero slot when appending. s_t = beta_t (k_t v_t^T), in the reference's
+    order of operations. m is the count after any merge; the new count is target + 1.
+    """
+    target = m - 1 + (1 if boundary else 0)
+    _, Dk, Dv = S.shape
+    X = S[target]
+    for a in range(Dk):
+        for b in range(Dv):
+            X[a, b] += beta * (k[a] * v[b])
+    n[target] += 1
+    info[target] += score
+    return target + 1
+
+
+# --- 6. readout ------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def readout(q, S, lam, m, newest_first, o, qS):
+    """o_t = sum_{i<m} lambda_t[l(i)] (q_t^T S_i).   q [Dk], S [K, Dk, Dv], lam [K], o [Dv]
+
+    l(i) = i (slots="oldest-first") or m - 1 - i ("newest-first"). qS [Dv] scratch.
+    """
+    _, Dk, Dv = S.shape
+    o[:] = 0.0
+    for i in range(m):
+        w = lam[m - 1 - i] if newest_first else lam[i]
+        qS[:] = 0.0
+        for a in range(Dk):
+            for b in range(Dv):
+                qS[b] += q[a] * S[i, a, b]
+        for b in range(Dv):
+            o[b] += w * qS[b]
