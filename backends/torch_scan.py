@@ -137,9 +137,11 @@ def forced_decisions(xp, trace, cache, B, T, H, K, device):
     cache and raises the reference's ValueError at the first decision that does not
     fit. The replay runs on the host, so the token loop itself never synchronises.
     """
+    import torch
+
     check_trace_shape(xp, on_host(trace), B, T, H)
     boundary = to_streams(xp, trace.boundary).to(device)
-    merged = to_streams(xp, trace.merged).to(device=device, dtype=cache[1].dtype)
+    merged = to_streams(xp, trace.merged).to(device=device, dtype=torch.int64)
     _, n, _, m, _ = cache
     partition_history(xp, boundary.cpu(), merged.cpu(), K, n=n.cpu(), m=m.cpu())
     boundary, merged = boundary.unbind(1), merged.unbind(1)
@@ -240,18 +242,19 @@ def transition(S, k, kt, alpha, backbone, recording):
 
 
 def merge_into(x, rows, first, second, merging):
-    """Merge physical slot ``second`` into ``first`` and empty it, where ``merging``.
+    """Move physical slot ``second`` into ``first`` where ``merging``: first += second,
+    second -= second (exactly zero, an empty slot).
 
     x [N, K, ...] a slot field (S, n or info), written in place; rows [N] = 0 ... N-1;
-    first, second [N] physical slots (distinct); merging [N] bool. Streams that do
-    not merge rewrite both slots with their own values, so one index write serves all.
+    first, second [N] physical slots; merging [N] bool. Streams that do not merge
+    move zero, so two index writes serve all streams.
     """
     import torch
 
-    a, b = x[rows, first], x[rows, second]
-    keep = merging.reshape((-1,) + (1,) * (a.ndim - 1))
-    x.index_put_((torch.cat([rows, rows]), torch.cat([first, second])),
-                 torch.cat([torch.where(keep, a + b, a), torch.where(keep, 0, b)]))
+    keep = merging.reshape((-1,) + (1,) * (x.ndim - 2))
+    moved = torch.where(keep, x[rows, second], 0)
+    x.index_put_((rows, first), moved, accumulate=True)
+    x.index_put_((rows, second), -moved, accumulate=True)
 
 
 def close_gap(P, merged):
