@@ -41,7 +41,7 @@ from dla_ref.records import Result, Trace
 from dla_ref.recurrent import cache_from_streams, from_streams, prepare, to_streams
 from dla_ref.validation import check_options, check_trace_shape
 
-BLOCK = 256  # threads per block; dla_scan.cu is compiled with -DDLA_BLOCK=BLOCK (cupy_kernels)
+BLOCK = 1024  # threads per block; dla_scan.cu is compiled with -DDLA_BLOCK=BLOCK (cupy_kernels)
 
 __all__ = ["BLOCK", "decode_step", "dla", "run"]
 

@@ -35,14 +35,15 @@ from dla_backends.testing import assert_matches_reference, to_native, to_numpy
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((Path(dla_backends.__file__).parent / "cuda").glob("*.cu"))
 
-# (Dk, Dv) -> what it exercises, for BLOCK = 256 threads (C = min(Dv, BLOCK) column
-# lanes, G = BLOCK // C row groups).
+# (Dk, Dv) -> what it exercises, for any power-of-two BLOCK (C = min(Dv, BLOCK) column
+# lanes, G = BLOCK // C row groups); the values in brackets are for BLOCK = 1024.
+BLOCK = cuda_model.BLOCK
 REGIMES = {
-    (4, 4): "G = 64 > Dk: most row groups own no row",
-    (3, 5): "C = 5 does not divide the block: thread 255 owns nothing",
-    (100, 3): "Dk > G = 85: some threads own two rows",
-    (2, 300): "Dv > BLOCK: some threads own two columns",
-    (5, 200): "G = 1, threads 200-255 idle",
+    (4, 4): "G > Dk: most row groups own no row",
+    (3, 5): "C = 5 does not divide the block: its last threads own nothing",
+    (BLOCK // 3 + 15, 3): "Dk > G: some threads own two rows [356, 3]",
+    (2, BLOCK + 44): "Dv > BLOCK: some threads own two columns [2, 1068]",
+    (5, BLOCK - 56): "G = 1 and the last 56 threads idle [5, 968]",
 }
 
 
