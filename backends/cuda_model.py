@@ -88,8 +88,7 @@ def run(launch, q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, t
     """
     opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
                          normalize=normalize, slots=slots, eps=eps)
-    xp = array_namespace(q, k, v, lam)
-    dtype = q.dtype if state_dtype is None else getattr(xp, state_dtype)
+    dtype = q.dtype if state_dtype is None else np.dtype(state_dtype)  # NumPy's = CuPy's
     xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
                                            initial_cache, dtype)
     forced = None if trace is None else forced_decisions(xp, trace, B, T, H, opts, cache)

@@ -136,6 +136,16 @@ def test_model_matches_reference(Dk, Dv, backbone, dtype):
                              backbone=backbone, capacity=K, tau=0.6)
 
 
+def test_model_with_the_cupy_backends_float32_state_on_float64_inputs():
+    """The host side's state_dtype, as "cupy" uses it: o in float64, the rest in float32."""
+    from functools import partial
+
+    args = inputs(np.random.default_rng(8), 2, 12, 2, 5, 4, 3, "mamba2")
+    model = partial(cuda_model.run, cuda_model.launch, state_dtype="float32")
+    assert_matches_reference(model, **args, state_dtype="float32", backbone="mamba2",
+                             capacity=3, tau=0.5)
+
+
 @pytest.mark.parametrize("score", dla_ref.SCORES)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("slots", dla_ref.SLOT_ORDERS)
