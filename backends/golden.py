@@ -1,0 +1,253 @@
+"""Golden vectors: small fixed cases computed by the reference, readable without Python.
+
+    python -m dla_backends.golden            check the stored files against the reference
+    python -m dla_backends.golden --write    regenerate them (after a deliberate change)
+
+Each case is one uncompressed .npz file (a zip of .npy arrays: little-endian, C order)
+in backends/golden/, and manifest.json describes them all: options, dimensions, and
+per array its dtype, shape, SHA-256 of the raw bytes and the byte offset of those bytes
+inside the .npz, so that a C++/CUDA test can read an array with one seek and one read.
+docs/golden-vectors.md documents the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import dla_ref
+
+from .testing import Case, CaseSpec, build_case
+
+DIRECTORY = Path(__file__).parent / "golden"
+FORMAT = "dla-golden/1"
+SHAPE = dict(B=2, H=2, Dk=4, Dv=3)  # Dk != Dv, so that a transposed state shows
+
+GOLDEN_CASES = {
+    "linear-token-merges": CaseSpec(T=16, capacity=3, tau=0.3, seed=101, **SHAPE),
+    "linear-state-newest-first": CaseSpec(T=16, capacity=4, tau=0.3, score="state",
+                                          slots="newest-first", seed=102, **SHAPE),
+    "mamba2-token-unnormalized": CaseSpec(T=16, capacity=3, tau=1.0, backbone="mamba2",
+                                          normalize=False, decay="mixed", seed=103, **SHAPE),
+    "gdn-state-merges": CaseSpec(T=16, capacity=3, tau=0.3, backbone="gdn", score="state",
+                                 seed=104, **SHAPE),
+    "mamba2-forced-trace": CaseSpec(T=12, capacity=3, backbone="mamba2", forced_trace=True,
+                                    seed=105, **SHAPE),
+    "gdn-initial-cache": CaseSpec(T=8, capacity=3, tau=0.3, backbone="gdn", split=8,
+                                  slots="newest-first", seed=106, **SHAPE),
+    "linear-ties-at-tau-0": CaseSpec(T=10, capacity=3, tau=0.0, tokens="repeated",
+                                     seed=107, **SHAPE),
+    "mamba2-single-state": CaseSpec(T=8, capacity=1, backbone="mamba2", seed=108, **SHAPE),
+}
+
+# Array names in the files: the inputs of dla_ref.dla, then what it returns.
+INPUTS = ("q", "k", "v", "lam", "log_alpha", "beta", "forced_boundary", "forced_merged",
+          "initial_S", "initial_n", "initial_info", "initial_m")
+OUTPUTS = ("o", "S", "n", "info", "m", "scores", "boundary", "merged")
+LITTLE_ENDIAN = {"float64": "<f8", "int64": "<i8", "bool": "|b1"}
+
+
+def case_arrays(case: Case) -> dict[str, np.ndarray]:
+    """The case's inputs under the names of INPUTS (absent ones left out)."""
+    arrays = {name: getattr(case, name) for name in ("q", "k", "v", "lam", "log_alpha", "beta")}
+    if case.trace is not None:
+        arrays.update(forced_boundary=case.trace.boundary, forced_merged=case.trace.merged)
+    if case.initial_cache is not None:
+        arrays.update({f"initial_{f}": x for f, x in case.initial_cache._asdict().items()})
+    return {name: x for name, x in arrays.items() if x is not None}
+
+
+def result_arrays(result: dla_ref.Result) -> dict[str, np.ndarray]:
+    """A Result under the names of OUTPUTS."""
+    return dict(o=result.o, **result.cache._asdict(), **result.trace._asdict())
+
+
+def canonical(x) -> np.ndarray:
+    """x as a C-ordered little-endian array of float64, int64 or bool."""
+    x = np.asarray(x)
+    kind = "float64" if x.dtype.kind == "f" else "int64" if x.dtype.kind in "iu" else "bool"
+    return np.ascontiguousarray(x, dtype=np.dtype(LITTLE_ENDIAN[kind]))
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an uncompressed .npz whose bytes depend only on the arrays.
+
+    Like ``np.savez``, but every member has the same fixed timestamp, so that
+    regenerating unchanged cases leaves the files byte for byte as they were.
+    """
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, x in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w") as member:
+                np.lib.format.write_array(member, x, allow_pickle=False)
+
+
+def data_offsets(path: Path) -> dict[str, int]:
+    """Byte offset, inside the .npz, of each array's raw data (members are stored)."""
+    offsets = {}
+    with open(path, "rb") as raw, zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: member {info.filename} is compressed")
+            raw.seek(info.header_offset + 26)  # the local header's name and extra lengths
+            name_len, extra_len = (int(x) for x in np.frombuffer(raw.read(4), dtype="<u2"))
+            member_start = info.header_offset + 30 + name_len + extra_len
+            offsets[info.filename.removesuffix(".npy")] = (member_start
+                                                           + npy_header_size(archive, info))
+    return offsets
+
+
+def npy_header_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """Bytes of the .npy header (magic, version, length, dict) before the array data."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        read_header(member)
+        return member.tell()
+
+
+def describe_array(x: np.ndarray, offset: int) -> dict:
+    """The manifest entry of one stored array."""
+    return dict(dtype=x.dtype.str, shape=list(x.shape), offset=offset, nbytes=x.nbytes,
+                sha256=hashlib.sha256(x.tobytes()).hexdigest())
+
+
+def write(directory: Path = DIRECTORY) -> dict:
+    """Compute every golden case with the reference and write the files; returns the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = dict(format=FORMAT, generator="python -m dla_backends.golden --write",
+                    reference=f"dla_ref {dla_ref.__version__}", cases={})
+    for name, spec in GOLDEN_CASES.items():
+        case = build_case(spec)
+        if not math.isfinite(case.options["tau"]):
+            raise ValueError(f"golden case {name}: tau must be finite (JSON has no inf)")
+        inputs = {k: canonical(x) for k, x in case_arrays(case).items()}
+        outputs = {k: canonical(x) for k, x in result_arrays(dla_ref.dla(**case.arguments())).items()}
+        path = directory / f"{name}.npz"
+        save_npz(path, {**inputs, **outputs})
+        offsets = data_offsets(path)
+        B, T, H, Dk = case.q.shape
+        manifest["cases"][name] = dict(
+            file=path.name, spec=repr(spec),
+            options={**case.options, "eps": 1e-6},
+            dims=dict(B=B, T=T, H=H, K=case.options["capacity"], Dk=Dk, Dv=case.v.shape[3]),
+            inputs={k: describe_array(x, offsets[k]) for k, x in inputs.items()},
+            outputs={k: describe_array(x, offsets[k]) for k, x in outputs.items()},
+        )
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False)
+                                             + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path = DIRECTORY) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def read_case(name: str, directory: Path = DIRECTORY) -> tuple[Case, dict[str, np.ndarray]]:
+    """A stored case as (Case, its stored outputs by the names of OUTPUTS)."""
+    entry = read_manifest(directory)["cases"][name]
+    with np.load(directory / entry["file"]) as data:
+        arrays = {k: data[k] for k in data.files}
+    trace = cache = None
+    if "forced_boundary" in arrays:  # a forced trace's scores are not read: zeros
+        boundary = arrays["forced_boundary"]
+        trace = dla_ref.Trace(np.zeros(boundary.shape), boundary, arrays["forced_merged"])
+    if "initial_S" in arrays:
+        cache = dla_ref.Cache(*(arrays[f"initial_{f}"] for f in dla_ref.Cache._fields))
+    case = Case(**{k: arrays.get(k) for k in ("q", "k", "v", "lam", "log_alpha", "beta")},
+                options={k: v for k, v in entry["options"].items() if k != "eps"},
+                trace=trace, initial_cache=cache)
+    return case, {k: arrays[k] for k in entry["outputs"]}
+
+
+def checksum_problems(name: str, directory: Path = DIRECTORY) -> list[str]:
+    """What does not match the manifest in a case's file (empty: all is well).
+
+    For every array of the manifest: the raw bytes at its offset have its SHA-256, and
+    the array NumPy reads from the .npz has its dtype, shape and those bytes.
+    """
+    entry = read_manifest(directory)["cases"][name]
+    path = directory / entry["file"]
+    problems = []
+    blob = path.read_bytes()
+    with np.load(path) as data:
+        if set(data.files) != set(entry["inputs"]) | set(entry["outputs"]):
+            problems.append(f"{name}: arrays {sorted(data.files)} differ from the manifest's")
+        for array, meta in {**entry["inputs"], **entry["outputs"]}.items():
+            raw = blob[meta["offset"]:meta["offset"] + meta["nbytes"]]
+            if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+                problems.append(f"{name}.{array}: bytes at offset {meta['offset']} do not "
+                                "have the manifest's SHA-256")
+            try:
+                x = data[array] if array in data.files else None
+            except zipfile.BadZipFile as exc:  # the zip's own CRC caught it first
+                problems.append(f"{name}.{array}: {exc}")
+                continue
+            if x is None or x.dtype.str != meta["dtype"] or list(x.shape) != meta["shape"] \
+                    or not x.flags.c_contiguous or x.tobytes() != raw:
+                problems.append(f"{name}.{array}: the .npy member does not match the manifest")
+    return problems
+
+
+def drift(name: str, directory: Path = DIRECTORY, rtol: float = 1e-10) -> list[str]:
+    """How the reference today differs from a stored case (empty: it does not).
+
+    Regenerates the inputs from the case's spec (values exactly, an initial cache,
+    itself computed by the reference, within rtol) and reruns ``dla_ref.dla`` on the
+    stored inputs: floats must agree within rtol * max|stored| (BLAS may round
+    differently across machines), integers and booleans exactly.
+    """
+    case, stored = read_case(name, directory)
+    fresh = case_arrays(build_case(GOLDEN_CASES[name]))
+    problems = compare(f"{name} (inputs from its spec)", fresh, case_arrays(case), rtol)
+    outputs = result_arrays(dla_ref.dla(**case.arguments()))
+    return problems + compare(f"{name} (outputs)", outputs, stored, rtol)
+
+
+def compare(label: str, got: dict, want: dict, rtol: float) -> list[str]:
+    """Differences between two dicts of arrays (same names, values within rtol)."""
+    if set(got) != set(want):
+        return [f"{label}: arrays {sorted(got)} != {sorted(want)}"]
+    problems = []
+    for array, x in want.items():
+        y = np.asarray(got[array])
+        if y.shape != x.shape:
+            problems.append(f"{label}.{array}: shape {list(y.shape)} != {list(x.shape)}")
+            continue
+        if x.dtype.kind == "f":
+            error = np.abs(y - x)
+            budget = rtol * float(np.max(np.abs(x), initial=0.0))
+        else:
+            error, budget = (y != x), 0
+        if np.any(error > budget):
+            problems.append(f"{label}.{array}: differs from the stored array (max error "
+                            f"{float(np.max(error)):.3g}, allowed {budget:.3g})")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dla_backends.golden", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="regenerate the files")
+    parser.add_argument("--dir", type=Path, default=DIRECTORY, help="where the files live")
+    args = parser.parse_args(argv)
+    if args.write:
+        manifest = write(args.dir)
+        print(f"wrote {len(manifest['cases'])} cases and manifest.json to {args.dir}")
+        return 0
+    problems = [p for name in read_manifest(args.dir)["cases"]
+                for p in checksum_problems(name, args.dir) + drift(name, args.dir)]
+    print("\n".join(problems) or f"all golden cases in {args.dir} match the reference")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

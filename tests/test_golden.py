@@ -1,0 +1,97 @@
+"""Golden vectors (backends/golden/): intact, complete, and still what the reference computes.
+
+A failure of ``test_reference_has_not_drifted`` means dla_ref changed its results: if
+the change is deliberate, regenerate with ``python -m dla_backends.golden --write`` and
+say so in the commit, since C++/CUDA tests elsewhere compare against these files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import dla_ref
+from dla_backends import golden
+
+
+@pytest.mark.parametrize("name", golden.GOLDEN_CASES)
+def test_checksums(name):
+    """Every array's bytes, at the manifest's offset and through np.load, match its SHA-256."""
+    assert golden.checksum_problems(name) == []
+
+
+@pytest.mark.parametrize("name", golden.GOLDEN_CASES)
+def test_reference_has_not_drifted(name):
+    """The case's spec regenerates its inputs, and dla_ref.dla its outputs."""
+    assert golden.drift(name) == []
+
+
+def test_manifest_lists_exactly_the_cases_and_files():
+    manifest = golden.read_manifest()
+    assert manifest["format"] == golden.FORMAT
+    assert list(manifest["cases"]) == list(golden.GOLDEN_CASES)
+    files = {entry["file"] for entry in manifest["cases"].values()} | {"manifest.json"}
+    assert {p.name for p in golden.DIRECTORY.iterdir()} == files
+
+
+def test_the_cases_cover_what_a_kernel_must_get_right():
+    """Every backbone, both score modes and slot orders, normalize off, K = 1, a merge,
+    a forced trace, an initial cache, and a score exactly at tau."""
+    cases = {name: golden.read_case(name) for name in golden.GOLDEN_CASES}
+    options = [case.options for case, _ in cases.values()]
+    for field, values in (("backbone", dla_ref.BACKBONES), ("score", dla_ref.SCORES),
+                          ("slots", dla_ref.SLOT_ORDERS), ("normalize", (True, False))):
+        assert {o[field] for o in options} == set(values), field
+    assert any(o["capacity"] == 1 for o in options)
+    assert any((stored["merged"] >= 0).any() for case, stored in cases.values()
+               if case.trace is None)
+    assert any(case.trace is not None and (case.trace.merged >= 0).any()
+               for case, _ in cases.values())
+    assert any(case.initial_cache is not None and (case.initial_cache.m > 0).all()
+               for case, _ in cases.values())
+    assert any(o["tau"] == 0 and (stored["scores"][:, 1:] == 0).any()
+               for o, (_, stored) in zip(options, cases.values()))
+
+
+def test_write_then_check_round_trip(tmp_path):
+    """``--write`` output passes both checks, and writing again changes no byte."""
+    golden.write(tmp_path)
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for name in golden.GOLDEN_CASES:
+        assert golden.checksum_problems(name, tmp_path) == []
+        assert golden.drift(name, tmp_path) == []
+    golden.write(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
+
+
+def test_a_flipped_byte_fails_the_checksum(tmp_path):
+    shutil.copytree(golden.DIRECTORY, tmp_path, dirs_exist_ok=True)
+    name = "linear-token-merges"
+    entry = golden.read_manifest(tmp_path)["cases"][name]
+    path = tmp_path / entry["file"]
+    blob = bytearray(path.read_bytes())
+    blob[entry["outputs"]["o"]["offset"] + 5] ^= 1
+    path.write_bytes(bytes(blob))
+    problems = golden.checksum_problems(name, tmp_path)
+    assert problems and all(p.startswith(f"{name}.o:") for p in problems)
+
+
+def test_a_changed_output_fails_the_drift_check(tmp_path):
+    shutil.copytree(golden.DIRECTORY, tmp_path, dirs_exist_ok=True)
+    name = "gdn-state-merges"
+    path = tmp_path / golden.read_manifest(tmp_path)["cases"][name]["file"]
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["S"][0, 0, 0, 0, 0] += 1e-9 * np.max(np.abs(arrays["S"]))  # 10x the allowed drift
+    golden.save_npz(path, arrays)
+    problems = golden.drift(name, tmp_path)
+    assert len(problems) == 1 and problems[0].startswith(f"{name} (outputs).S: differs")
+
+
+def test_manifest_is_plain_json():
+    """No NaN or Infinity (not JSON), so any JSON reader takes it."""
+    json.loads((golden.DIRECTORY / "manifest.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
