@@ -1,0 +1,182 @@
+"""The differential suite has teeth: deliberately broken backends fail it.
+
+Each sabotaged backend is the reference with one function of ``dla_ref.step`` swapped
+for a broken copy while it runs (the checking side keeps the real reference), or a
+wrapper that mishandles the contract. Each is run on a case where its bug changes the
+result, and the layer that must catch it (decide or apply, SPEC §4) is named. The same
+cases pass with the reference unbroken, so what fails is the sabotage, not the case.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+from unittest import mock
+
+import numpy as np
+import pytest
+
+import dla_ref
+import dla_ref.step
+from dla_backends import check as dla_check
+from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, build_case, check_apply,
+                                  check_case, check_decide, reference_candidate, run_candidate)
+
+ORIGINAL = {name: getattr(dla_ref.step, name)
+            for name in ("merge_choice", "is_boundary", "slot_weights", "transition")}
+
+
+def reference_with(target: str, broken: Callable) -> Callable:
+    """dla_ref.dla with ``dla_ref.step.<target>`` replaced by ``broken`` during the call."""
+    def dla(*args, **kwargs):
+        with mock.patch.object(dla_ref.step, target, broken):
+            return dla_ref.dla(*args, **kwargs)
+    return dla
+
+
+def candidate(label: str, fn: Callable, **fields) -> Candidate:
+    """A NumPy float64 candidate that runs ``fn``."""
+    layout = dict(namespace="numpy", device="cpu", dtype="float64", state_dtype="float64")
+    return Candidate(label=f"sabotaged: {label}", load=lambda: fn,
+                     rebuild=f"<the sabotaged backend {label!r} of tests/test_sabotage.py>",
+                     **{**layout, **fields})
+
+
+# --- the broken copies ------------------------------------------------------------------
+
+
+def merge_one_pair_later(xp, n, info, m, boundary, capacity):
+    """Off by one: merges pair j + 1 instead of the least dense pair j."""
+    j = ORIGINAL["merge_choice"](xp, n, info, m, boundary, capacity)
+    return xp.where(j >= 0, j + 1, j)
+
+
+def boundary_above_tau(xp, score, m, opts):
+    """'>' instead of '>=': a score exactly at tau does not open a slot."""
+    return ORIGINAL["is_boundary"](xp, score, m, opts) & ((m == 0) | (score > opts.tau))
+
+
+def slots_swapped(xp, lam, m, slots):
+    """Reads lambda in the other slot order (newest-first for oldest-first and back)."""
+    other = "newest-first" if slots == "oldest-first" else "oldest-first"
+    return ORIGINAL["slot_weights"](xp, lam, m, other)
+
+
+def no_transition(xp, S, k, alpha, beta, backbone):
+    """Drops the transition G_t: stored states never decay."""
+    return S
+
+
+def ignoring(argument: str) -> Callable:
+    """The reference that drops one keyword argument (a forced trace, an initial cache)."""
+    def dla(*args, **kwargs):
+        kwargs.pop(argument)
+        return dla_ref.dla(*args, **kwargs)
+    return dla
+
+
+def scores_reported_high(*args, **kwargs):
+    """Decides and computes right, but reports every score 0.5% too high."""
+    result = dla_ref.dla(*args, **kwargs)
+    return result._replace(trace=result.trace._replace(scores=result.trace.scores * 1.005))
+
+
+def float32_posing_as_float64(*args, **kwargs):
+    """The reference in float32, results cast to float64: claims a precision it lacks."""
+    result = dla_ref.dla(*args, **kwargs, dtype=np.float32)
+    cast = lambda x: x.astype(np.float64) if x.dtype == np.float32 else x  # noqa: E731
+    return dla_ref.Result(cast(result.o), dla_ref.Cache(*map(cast, result.cache)),
+                          dla_ref.Trace(*map(cast, result.trace)))
+
+
+class Sabotage(NamedTuple):
+    candidate: Candidate
+    spec: CaseSpec
+    layer: str  # the layer that fails: "decide", "apply" (decisions right) or "either"
+    message: str  # a regular expression the failure message must match
+
+
+MERGING = CaseSpec(T=20, B=2, H=2, capacity=3, tau=0.3, seed=21)
+
+SABOTAGES = {
+    "off-by-one merge index": Sabotage(
+        candidate("off-by-one merge", reference_with("merge_choice", merge_one_pair_later)),
+        MERGING, "decide", "does not fit the cache|inadmissible merge"),
+    "'>' instead of '>=' at tau": Sabotage(
+        candidate("> at tau", reference_with("is_boundary", boundary_above_tau)),
+        NAMED_CASES["score exactly at tau = 0 (repeated tokens)"], "decide",
+        "must open a slot"),
+    "slot order swapped": Sabotage(
+        candidate("slot order swapped", reference_with("slot_weights", slots_swapped)),
+        MERGING, "apply", "^[^\n]*: o differs"),
+    "transition dropped": Sabotage(
+        candidate("transition dropped", reference_with("transition", no_transition)),
+        CaseSpec(backbone="mamba2", T=12, capacity=3, seed=22), "either", "differs|inadmissible"),
+    "forced trace ignored": Sabotage(
+        candidate("forced trace ignored", ignoring("trace")),
+        NAMED_CASES["forced trace"], "decide", "forced trace"),
+    "initial cache ignored": Sabotage(
+        candidate("initial cache ignored", ignoring("initial_cache")),
+        NAMED_CASES["initial cache (split sequence)"], "either",
+        "differs|inadmissible|does not fit"),
+    "scores reported 0.5% high": Sabotage(
+        candidate("scores high", scores_reported_high), MERGING, "apply", "trace.scores differs"),
+    "float32 claiming float64": Sabotage(
+        candidate("float32 as float64", float32_posing_as_float64), MERGING, "apply",
+        "differs from the reference"),
+}
+
+
+@pytest.mark.parametrize("name", SABOTAGES)
+def test_the_suite_catches(name):
+    """check_case fails for the sabotaged backend, in the layer that must catch it."""
+    sabotage = SABOTAGES[name]
+    case = build_case(sabotage.spec).as_given_to(sabotage.candidate)
+    got = run_candidate(sabotage.candidate, case)
+    layers = {"decide": check_decide, "apply": check_apply, "either": check_either}
+    with pytest.raises(AssertionError, match=sabotage.message) as failure:
+        layers[sabotage.layer](sabotage.candidate, case, got)
+    assert "--- reproduce with ---" in str(failure.value)
+    if sabotage.layer == "apply":
+        check_decide(sabotage.candidate, case, got)  # its decisions are right, only values not
+
+
+def check_either(candidate, case, got):
+    check_decide(candidate, case, got)
+    check_apply(candidate, case, got)
+
+
+@pytest.mark.parametrize("name", SABOTAGES)
+def test_the_same_case_passes_unbroken(name):
+    """Control: the case of each sabotage passes with the real reference."""
+    check_case(reference_candidate("float64"), build_case(SABOTAGES[name].spec))
+
+
+def test_wrong_namespace_is_caught():
+    """A torch backend that hands back NumPy arrays fails the layout check."""
+    pytest.importorskip("torch", reason="torch not installed")
+
+    def numpy_out(*args, **kwargs):
+        host = lambda x: x.numpy() if hasattr(x, "numpy") else x  # noqa: E731
+        return dla_ref.dla(*map(host, args), **{k: host(v) for k, v in kwargs.items()})
+
+    torch_candidate = candidate("returns numpy", numpy_out, namespace="torch")
+    with pytest.raises(AssertionError, match="is a numpy array on cpu; expected torch on cpu"):
+        check_case(torch_candidate, build_case(CaseSpec()))
+
+
+def test_not_applicable_is_not_a_pass():
+    """NotImplementedError from a backend propagates: callers skip, never count a pass."""
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no such thing here")
+
+    with pytest.raises(NotImplementedError, match="no such thing"):
+        check_case(candidate("unsupported", unsupported), build_case(CaseSpec()))
+
+
+def test_dla_check_fails_for_a_sabotaged_backend(capsys):
+    """``dla check``'s runner reports the failures and exits 1."""
+    sabotage = SABOTAGES["slot order swapped"]
+    code = dla_check.check_candidate(sabotage.candidate, seed=0, examples=4)
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED" in out and "reproduce" in out
