@@ -68,8 +68,18 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
+    if "backend" in metafunc.fixturenames and "backend" not in own_parameters(metafunc):
         metafunc.parametrize("backend", backend_names(), indirect=True)
+
+
+def own_parameters(metafunc) -> set[str]:
+    """Names a test parametrizes itself (a test may use "backend" for its own values)."""
+    names = set()
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        argnames = marker.args[0]
+        names.update(n.strip() for n in (argnames.split(",") if isinstance(argnames, str)
+                                         else argnames))
+    return names
 
 
 @pytest.fixture
