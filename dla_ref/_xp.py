@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
-__all__ = ["array_namespace", "compute_dtype"]
+__all__ = ["array_namespace", "compute_dtype", "device"]
 
 
 def compute_dtype(xp, dtype):

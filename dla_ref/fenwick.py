@@ -11,7 +11,7 @@ level: o_t = sum_l lambda_t[l] q_t^T S_l. Positions count from the stream's star
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype
+from ._xp import array_namespace, compute_dtype, device
 from .recurrent import from_streams, to_streams
 from .step import contribution, readout, transition
 from .validation import check_inputs, check_options
@@ -57,8 +57,8 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, dty
     beta = None if beta is None else to_streams(xp, xp.astype(beta, ftype))
 
     N = q.shape[0]
-    S = xp.zeros((N, L, Dk, Dv), dtype=ftype)
-    lev = xp.reshape(xp.arange(L), (1, L, 1, 1))
+    S = xp.zeros((N, L, Dk, Dv), dtype=ftype, device=device(q))
+    lev = xp.reshape(xp.arange(L, device=device(q)), (1, L, 1, 1))
     outputs = []
     for t in range(T):
         a = None if alpha is None else alpha[:, t]
@@ -82,5 +82,5 @@ def fenwick_mask(xp, lam):
     N, T, L = lam.shape
     onehot = [[[1.0 if s <= t and level(t, s) == c else 0.0 for c in range(L)]
                for s in range(T)] for t in range(T)]
-    onehot = xp.asarray(onehot, dtype=lam.dtype)  # [T, T, L]
+    onehot = xp.asarray(onehot, dtype=lam.dtype, device=device(lam))  # [T, T, L]
     return xp.sum(onehot[None, ...] * lam[:, :, None, :], axis=3)

@@ -10,7 +10,7 @@ agreement between the two checks both.
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype
+from ._xp import array_namespace, compute_dtype, device
 from .recurrent import forced_decision, from_streams, to_streams
 from .step import merge_adjacent, slot_weights, write_token
 from .validation import check_inputs, check_options, check_trace_shape
@@ -53,8 +53,8 @@ def partition_history(xp, boundary, merged, capacity, n=None, m=None):
     """
     N, T = boundary.shape
     K = capacity
-    n = xp.zeros((N, K), dtype=xp.int64) if n is None else n
-    m = xp.zeros((N,), dtype=xp.int64) if m is None else m
+    n = xp.zeros((N, K), dtype=xp.int64, device=device(boundary)) if n is None else n
+    m = xp.zeros((N,), dtype=xp.int64, device=device(boundary)) if m is None else m
     opts = check_options(capacity=K, tau=0.0, backbone="linear", score="token",
                          normalize=True, slots="oldest-first", eps=1.0)
     counts, used = [], []
@@ -77,8 +77,8 @@ def readout_mask(xp, counts, m, lam, slots):
     """
     N, T, K = counts.shape
     starts = xp.cumulative_sum(counts, axis=2) - counts  # [N, T, K]
-    s = xp.arange(T, dtype=xp.int64)
-    slot = xp.arange(K, dtype=xp.int64)
+    s = xp.arange(T, dtype=xp.int64, device=device(counts))
+    slot = xp.arange(K, dtype=xp.int64, device=device(counts))
     used = slot[None, None, :] < m[:, :, None]  # [N, T, K]
     begun = (starts[:, :, None, :] <= s[None, None, :, None]) & used[:, :, None, :]
     slot_of = xp.sum(xp.astype(begun, xp.int64), axis=3) - 1  # [N, T(t), T(s)]
@@ -101,7 +101,7 @@ def masked_form(xp, q, k, v, weights, alpha, beta, backbone):
     u_t(t) = q_t and u_t(s-1) = G_s^T u_t(s)  (G_s is symmetric for all backbones).
     """
     N, T, Dk = q.shape
-    t_index = xp.arange(T)
+    t_index = xp.arange(T, device=device(q))
     u = xp.zeros_like(q)  # u[:, t] = P_{t,s}^T q_t for the current s (rows t >= s)
     scores = []
     for s in range(T - 1, -1, -1):
@@ -131,5 +131,5 @@ def slot_starts(trace, capacity):
     counts, m = partition_history(xp, to_streams(xp, trace.boundary),
                                   to_streams(xp, xp.astype(trace.merged, xp.int64)), capacity)
     starts = xp.cumulative_sum(counts, axis=2) - counts
-    used = xp.arange(capacity)[None, None, :] < m[:, :, None]
+    used = xp.arange(capacity, device=device(m))[None, None, :] < m[:, :, None]
     return from_streams(xp, xp.where(used, starts, xp.full_like(starts, -1)), B, H)

@@ -6,7 +6,7 @@ that share the cache, transition and readout and differ only in the partition po
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype
+from ._xp import array_namespace, compute_dtype, device
 from .records import Cache, Result, Trace
 from .step import dla_decision, merge_choice, step
 from .validation import check_cache, check_inputs, check_options, check_trace_shape
@@ -62,7 +62,7 @@ def fixed(q, k, v, lam, *, chunk, backbone="linear", log_alpha=None, beta=None,
 def single(q, k, v, *, backbone="linear", log_alpha=None, beta=None, dtype=None) -> Result:
     """The single-state backbone, S_t = G_t S_{t-1} + s_t, o_t = q_t^T S_t (K = 1, lambda = 1)."""
     xp = array_namespace(q)
-    lam = xp.ones(tuple(q.shape[:3]) + (1,), dtype=q.dtype)
+    lam = xp.ones(tuple(q.shape[:3]) + (1,), dtype=q.dtype, device=device(q))
     return dla(q, k, v, lam, backbone=backbone, log_alpha=log_alpha, beta=beta,
                capacity=1, dtype=dtype)
 
@@ -98,7 +98,7 @@ def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
                                    lam_columns=opts.capacity)
     ftype = compute_dtype(xp, dtype)
     if initial_cache is None:
-        cache = empty_cache(xp, B * H, opts.capacity, Dk, Dv, ftype)
+        cache = empty_cache(xp, B * H, opts.capacity, Dk, Dv, ftype, device(q))
     else:
         check_cache(xp, initial_cache, B, H, opts.capacity, Dk, Dv)
         cache = cache_to_streams(xp, initial_cache, ftype)
@@ -186,10 +186,11 @@ def from_streams(xp, x, B, H):
     return xp.permute_dims(x, (0, 2, 1) + tuple(range(3, x.ndim)))
 
 
-def empty_cache(xp, N, K, Dk, Dv, dtype):
-    """A cache with no slot in use, for N streams."""
-    return (xp.zeros((N, K, Dk, Dv), dtype=dtype), xp.zeros((N, K), dtype=xp.int64),
-            xp.zeros((N, K), dtype=dtype), xp.zeros((N,), dtype=xp.int64))
+def empty_cache(xp, N, K, Dk, Dv, dtype, device=None):
+    """A cache with no slot in use, for N streams (on ``device``)."""
+    zeros = lambda shape, dtype: xp.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+    return (zeros((N, K, Dk, Dv), dtype), zeros((N, K), xp.int64), zeros((N, K), dtype),
+            zeros((N,), xp.int64))
 
 
 def cache_to_streams(xp, cache, dtype):

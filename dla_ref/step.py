@@ -19,6 +19,7 @@ The step, for token t of every stream (SPEC §3):
 
 from __future__ import annotations
 
+from ._xp import device
 from .records import Options
 
 
@@ -60,7 +61,7 @@ def contribution(xp, k, v, beta, backbone):
 
 def slot_mask(xp, m, K, offset=0):
     """One-hot of slot m + offset per stream: [N, K] bool (all False if out of range)."""
-    slot = xp.arange(K, dtype=m.dtype)
+    slot = xp.arange(K, dtype=m.dtype, device=device(m))
     return slot[None, :] == (m + offset)[:, None]
 
 
@@ -180,7 +181,7 @@ def merge_adjacent(xp, x, j, fill=0):
     tail = xp.full_like(x[:, :1, ...], fill)
     shifted = xp.concat([x[:, 1:, ...], tail], axis=1)  # slot i holds x_{i+1}
     extra = (1,) * (x.ndim - 2)
-    slot = xp.reshape(xp.arange(x.shape[1], dtype=j.dtype), (1, -1) + extra)
+    slot = xp.reshape(xp.arange(x.shape[1], dtype=j.dtype, device=device(j)), (1, -1) + extra)
     jj = xp.reshape(j, (-1, 1) + extra)
     merged = xp.where(slot < jj, x, xp.where(slot == jj, x + shifted, shifted))
     return xp.where(jj >= 0, merged, x)
@@ -213,7 +214,7 @@ def slot_weights(xp, lam, m, slots):
     lam [N, K] >= 0.
     """
     K = lam.shape[1]
-    slot = xp.arange(K, dtype=m.dtype)
+    slot = xp.arange(K, dtype=m.dtype, device=device(m))
     used = slot[None, :] < m[:, None]
     if slots == "newest-first":
         # w_i = sum_c lambda_c [c = m-1-i], a gather written as a one-hot sum.
@@ -284,11 +285,11 @@ def density_margin(xp, n, info, merged):
     0 where no merge happened. Used by the admissibility check (SPEC §4) to judge a
     merge index that another implementation chose.
     """
-    zero = xp.zeros(merged.shape, dtype=info.dtype)
+    zero = xp.zeros(merged.shape, dtype=info.dtype, device=device(info))
     if n.shape[1] < 2:
         return zero
     density = pair_density(xp, n, info)
-    pair = xp.arange(density.shape[1], dtype=merged.dtype)
+    pair = xp.arange(density.shape[1], dtype=merged.dtype, device=device(merged))
     chosen_mask = pair[None, :] == merged[:, None]
     chosen = xp.sum(xp.where(chosen_mask, density, xp.zeros_like(density)), axis=1)
     smallest = xp.min(density, axis=1)

@@ -14,12 +14,12 @@ w_t = sign <q, u_t - u_bar>), ``deviation_bound`` the right side.
 
 from __future__ import annotations
 
-from ._xp import array_namespace
+from ._xp import array_namespace, device
 
 
-def block_index(xp, T, starts):
+def block_index(xp, T, starts, dev=None):
     """Block of each token: [T] int. starts: [M] int, strictly increasing, starts[0] = 0."""
-    starts = xp.asarray(starts)
+    starts = xp.asarray(starts, device=dev)
     if starts.ndim != 1 or starts.shape[0] < 1:
         raise ValueError("starts must be a non-empty 1-d array of block start tokens")
     if int(starts[0]) != 0:
@@ -28,7 +28,7 @@ def block_index(xp, T, starts):
         raise ValueError("starts must be strictly increasing")
     if int(starts[-1]) >= T:
         raise ValueError(f"starts must lie in [0, T={T})")
-    t = xp.arange(T, dtype=starts.dtype)
+    t = xp.arange(T, dtype=starts.dtype, device=dev)
     return xp.sum(xp.astype(starts[None, :] <= t[:, None], xp.int64), axis=1) - 1
 
 
@@ -38,9 +38,10 @@ def block_residuals(u, starts):
     if u.ndim != 2:
         raise ValueError(f"u must have shape [T, D], got {list(u.shape)}")
     T = u.shape[0]
-    block = block_index(xp, T, starts)
+    block = block_index(xp, T, starts, device(u))
     M = int(xp.max(block)) + 1
-    onehot = xp.astype(block[:, None] == xp.arange(M, dtype=block.dtype)[None, :], u.dtype)
+    slots = xp.arange(M, dtype=block.dtype, device=device(u))
+    onehot = xp.astype(block[:, None] == slots[None, :], u.dtype)
     means = xp.matmul(xp.matrix_transpose(onehot), u) / xp.sum(onehot, axis=0)[:, None]
     return u - xp.matmul(onehot, means), onehot
 

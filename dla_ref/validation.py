@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ._xp import device
 from .records import BACKBONES, SCORES, SLOT_ORDERS, Cache, Options, Trace
 
 
@@ -129,7 +130,7 @@ def check_cache(xp, cache, B, H, K, Dk, Dv):
     m, n = cache.m, cache.n
     if not bool(xp.all((m >= 0) & (m <= K))):
         raise ValueError(f"initial_cache.m must lie in [0, {K}] (the capacity)")
-    used = xp.arange(K)[None, None, :] < m[..., None]
+    used = xp.arange(K, device=device(m))[None, None, :] < m[..., None]
     if not bool(xp.all(xp.where(used, n >= 1, n == 0))):
         raise ValueError("initial_cache.n must be >= 1 in the m used slots and 0 in the others")
     if not bool(xp.all(cache.info >= 0)):
