@@ -375,8 +375,10 @@ class CaseSpec:
                   "mixed" a per-token choice among 0, -1e-8, -20 and U(-2, 0)
     keys          "normal" N(0, 1) (unit rows for gdn, so that I - beta k k^T is a
                   contraction), "zero" (about a third of the keys are 0), "tiny" (1e-4)
-    tokens        "random", or "repeated": each token repeats the previous one with
-                  probability 0.7 (exact score and density ties)
+    tokens        "random" (independent N(0, 1)), "segments" (piecewise stationary, see
+                  ``piecewise_stationary``: boundaries where segments change), or
+                  "repeated": each token repeats the previous one with probability
+                  0.7 (exact score and density ties)
     split         > 0: the first ``split`` tokens run through the reference first and
                   the case starts from their cache (the case keeps T tokens)
     forced_trace  give a random trace that fits the cache, to be replayed
@@ -444,6 +446,8 @@ def draw_tokens(rng, spec: CaseSpec, B, T, H) -> dict:
     q = rng.standard_normal((B, T, H, spec.Dk))
     k = rng.standard_normal((B, T, H, spec.Dk))
     v = rng.standard_normal((B, T, H, spec.Dv))
+    if spec.tokens == "segments":
+        q, k, v = (piecewise_stationary(rng, x) for x in (q, k, v))
     if spec.backbone == "gdn":
         k /= np.linalg.norm(k, axis=-1, keepdims=True)
     if spec.keys == "zero":
@@ -469,6 +473,23 @@ def draw_tokens(rng, spec: CaseSpec, B, T, H) -> dict:
                 if x is not None:
                     x[:, t][again] = x[:, t - 1][again]
     return dict(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta)
+
+
+def piecewise_stationary(rng, x, change=0.25, noise=0.3) -> np.ndarray:
+    """Tokens near a per-segment prototype: x [B, T, H, D] -> the same shape.
+
+    A new segment starts at each token with probability ``change`` (per stream); its
+    prototype is that token of x, and every token of it is the prototype plus
+    ``noise`` times its own draw. Scores are then low inside a segment and high at a
+    change (random directions alone score about sqrt(2) against each other).
+    """
+    prototype = x[:, 0]
+    out = np.empty_like(x)
+    for t in range(x.shape[1]):
+        new = rng.random((x.shape[0], x.shape[2])) < change  # [B, H]
+        prototype = np.where(new[..., None], x[:, t], prototype)
+        out[:, t] = prototype + noise * rng.standard_normal(prototype.shape)
+    return out
 
 
 def score_at_first_free_decision(options, tokens, lam) -> float:
@@ -894,10 +915,10 @@ def draw_spec(pick: Callable[[str, tuple], Any], backbone: str | None = None) ->
         score=pick("score", dla_ref.SCORES),
         normalize=pick("normalize", (True, False)),
         slots=pick("slots", dla_ref.SLOT_ORDERS),
-        tau=pick("tau", (0.6, 0.3, 1.0, "at-score", 0.0, math.inf, -math.inf)),
+        tau=pick("tau", (0.6, 0.3, 1.0, 1.4, "at-score", 0.0, math.inf, -math.inf)),
         decay=pick("decay", ("moderate", "none", "extreme", "mixed")),
         keys=pick("keys", ("normal", "zero", "tiny")),
-        tokens=pick("tokens", ("random", "repeated")),
+        tokens=pick("tokens", ("random", "segments", "repeated")),
         split=pick("split", (0, 0, 1, 5)),
         forced_trace=pick("forced_trace", (False, False, False, True)),
         noncontiguous=pick("noncontiguous", (False, True)),
@@ -933,8 +954,10 @@ NAMED_CASES = {
     "T=1": CaseSpec(T=1, B=2, H=2),
     "K=1 (single state)": CaseSpec(capacity=1, T=10, tau=0.0),
     "K=2": CaseSpec(capacity=2, T=12, tau=0.3, seed=1),
-    "capacity reached exactly": CaseSpec(capacity="reached", T=14, B=2, H=2, tau=0.3, seed=2),
-    "capacity exceeded by one": CaseSpec(capacity="exceeded", T=14, B=2, H=2, tau=0.3, seed=2),
+    "capacity reached exactly": CaseSpec(capacity="reached", T=12, B=2, tokens="segments",
+                                         tau=1.0, seed=2),
+    "capacity exceeded by one": CaseSpec(capacity="exceeded", T=12, B=2, tokens="segments",
+                                         tau=1.0, seed=2),
     "K >= T": CaseSpec(capacity=12, T=10, tau=0.3, seed=3),
     "density ties (repeated tokens, tau = -inf)": CaseSpec(tokens="repeated", tau=-math.inf,
                                                          capacity=3, T=12, seed=4),

@@ -52,7 +52,7 @@ def test_drawn_cases(backend, backbone, examples):
     check()
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(spec=case_specs())
 def test_float32_reference_fits_the_float32_tolerances(spec):
     """The tolerance table is not too tight: the reference computing in float32 passes
