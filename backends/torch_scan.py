@@ -11,17 +11,20 @@ What differs from the reference, and why:
   dtype (q, k, v, lam, log_alpha and beta promoted together).
 - The slot map. The reference keeps S in chronological order, so a merge shifts every
   later state one slot left: O(K Dk Dv) per stream. Here the slot fields (S, n, info)
-  live in *physical* slots and a small permutation P [N, K] maps chronological
-  (logical) slot i to physical slot P[i], like the block table of a paged KV cache.
-  Merging logical slots j and j+1 adds physical P[j+1] into P[j], empties P[j+1] and
-  moves that entry of P to the end, where the next append finds it: O(Dk Dv) per
-  stream. Physical slots not referenced by a used logical slot are zero, as in the
-  reference, so absorb and append are the same write ("add s_t"). The result is
-  returned in logical order.
+  are storage of N*K rows (S viewed as [N*K, Dk, Dv]) and a small table P [N, K] says
+  which row holds logical (chronological) slot i of stream n: P[n, i], one of the
+  rows n*K ... n*K + K-1 that belong to stream n, like the block table of a paged KV
+  cache. Merging logical slots j and j+1 adds row P[j+1] into row P[j], empties it
+  and moves that entry of P to the end, where the next append finds it: O(Dk Dv) per
+  stream. Rows not referenced by a used logical slot are zero, as in the reference,
+  so absorb and append are the same write ("add s_t"). Rows are read and written
+  with index_select / index_add_ on the flat storage (cheaper than advanced indexing),
+  and the result is returned in logical order.
 - Writes are in place (index_put_), never on a tensor autograd saved: while autograd
   records, the transition produces a fresh S each token and the writes go there, so
-  the scan stays differentiable. Per token only the transition and the readout pass
-  over all K states.
+  the scan stays differentiable (and keeps every token's S for backward, O(T K Dk Dv)
+  memory, as any recurrent form does). Per token only the transition and the readout
+  pass over all K states.
 - Decisions are made on detached values: I_t and J carry no gradient (they only steer
   the discrete boundary and merge choices, on which o and S do not depend smoothly).
 - No host synchronisation inside the token loop. The checks of a forced trace and of
@@ -81,7 +84,7 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
     recording = torch.is_grad_enabled() and any(
         x.requires_grad for x in inputs + ([] if initial_cache is None else [initial_cache.S]))
 
-    (S, n, info, m, P), o, decided = scan(tokens, cache, opts, decide_at, recording)
+    (S, n, info, m, P), o, decided = scan(xp, tokens, cache, opts, decide_at, recording)
     S, n, info = (logical(x, P) for x in (S, n, info))
     return Result(
         o=from_streams(xp, o, B, H).to(in_dtype),
@@ -112,7 +115,8 @@ def stream_tokens(xp, q, k, v, lam, log_alpha, beta, dtype):
 
 def initial_state(xp, initial_cache, B, H, K, Dk, Dv, dtype, device):
     """The scan's state (S, n, info, m, P) over N streams: an empty cache or a copy of
-    ``initial_cache``, checked by the reference, with the identity slot map P [N, K].
+    ``initial_cache``, checked by the reference, with the identity slot map
+    P [N, K] (P[n, i] = n*K + i).
 
     The copies are the scan's own: it writes into them in place.
     """
@@ -126,7 +130,7 @@ def initial_state(xp, initial_cache, B, H, K, Dk, Dv, dtype, device):
         # cache_to_streams copies (astype), so the scan may write into its result
         S, n, info, m = (x.to(device).contiguous()
                          for x in cache_to_streams(xp, initial_cache, dtype))
-    P = torch.arange(K, device=device).expand(B * H, K).contiguous()
+    P = torch.arange(B * H * K, device=device).reshape(B * H, K)
     return S, n, info, m, P
 
 
@@ -158,7 +162,7 @@ def on_host(record):
 # --- the scan -------------------------------------------------------------------------
 
 
-def scan(tokens, cache, opts, decide_at, recording):
+def scan(xp, tokens, cache, opts, decide_at, recording):
     """Run ``step`` over the T tokens for N streams.
 
     tokens: the list from ``stream_tokens``; cache: (S, n, info, m, P).
@@ -168,7 +172,7 @@ def scan(tokens, cache, opts, decide_at, recording):
 
     outputs, scores, boundaries, merges = [], [], [], []
     for t, token in enumerate(tokens):
-        cache, o, score, b, j = step(cache, token, opts, decide_at(t), recording)
+        cache, o, score, b, j = step(xp, cache, token, opts, decide_at(t), recording)
         outputs.append(o)
         scores.append(score)
         boundaries.append(b)
@@ -177,40 +181,41 @@ def scan(tokens, cache, opts, decide_at, recording):
     return cache, stack(outputs), (stack(scores), stack(boundaries), stack(merges))
 
 
-def step(cache, token, opts, decide, recording):
+def step(xp, cache, token, opts, decide, recording):
     """One token for N streams (SPEC §3): transition, score, decide, merge, write, read.
 
-    cache (S [N,K,Dk,Dv], n [N,K] int64, info [N,K], m [N] int64, P [N,K] int64), slot
-    fields in physical order; token (q, k, kt, v, lam, alpha) as from ``stream_tokens``;
+    cache (S [N,K,Dk,Dv], n [N,K] int64, info [N,K], m [N] int64, P [N,K] int64): slot
+    fields as storage rows addressed through P; token (q, k, kt, v, lam, alpha) as from
+    ``stream_tokens``;
     decide(score, m, n, info) -> (boundary [N] bool, merged [N] int64) takes logical
-    n, info, like the policies of ``dla_ref.step``.
+    n, info, like the policies of ``dla_ref.step``; xp is the array-API namespace of
+    torch that those policies and ``information_score`` take.
     Returns (cache', o [N, Dv], score [N], boundary [N], merged [N]).
     """
     import torch
 
     S, n, info, m, P = cache
     q, k, kt, v, lam, alpha = token
-    rows = torch.arange(S.shape[0], device=S.device)
 
     S = transition(S, k, kt, alpha, opts.backbone, recording)
     s = kt[:, :, None] * v[:, None, :]  # s_t = k~_t v_t^T
-    open_ = S.detach()[rows, P[rows, (m - 1).clamp(min=0)]]
-    score = information_score(torch, s.detach(), open_, opts)
+    open_ = read(S.detach(), at(P, (m - 1).clamp(min=0)))
+    score = information_score(xp, s.detach(), open_, opts)
     score = torch.where(m > 0, score, torch.zeros_like(score))  # I_0 := 0 (SPEC §3.3)
 
     boundary, merged = decide(score, m, logical(n, P), logical(info, P))
 
     if opts.capacity > 1:  # with K = 1 no pair exists and merged is always -1
         j, merging = merged.clamp(min=0), merged >= 0
-        first, second = P[rows, j], P[rows, j + 1]
+        first, second = at(P, j), at(P, j + 1)
         for x in (S, n, info):
-            merge_into(x, rows, first, second, merging)
+            merge_into(x, first, second, merging)
         P = close_gap(P, merged)
         m = m - merging.long()
 
-    target = P[rows, m - 1 + boundary.long()]  # absorb: the open slot; append: a zero slot
+    target = at(P, m - 1 + boundary.long())  # absorb: the open slot; append: a zero row
     for x, value in ((S, s), (n, torch.ones_like(m)), (info, score)):
-        x.index_put_((rows, target), value, accumulate=True)
+        add(x, target, value)
     m = m + boundary.long()
 
     o = readout(q, S, physical(slot_weights(lam, m, opts.slots), P))
@@ -241,28 +246,28 @@ def transition(S, k, kt, alpha, backbone, recording):
     return out
 
 
-def merge_into(x, rows, first, second, merging):
-    """Move physical slot ``second`` into ``first`` where ``merging``: first += second,
+def merge_into(x, first, second, merging):
+    """Move row ``second`` into row ``first`` where ``merging``: first += second,
     second -= second (exactly zero, an empty slot).
 
-    x [N, K, ...] a slot field (S, n or info), written in place; rows [N] = 0 ... N-1;
-    first, second [N] physical slots; merging [N] bool. Streams that do not merge
-    move zero, so two index writes serve all streams.
+    x [N, K, ...] a slot field (S, n or info), written in place; first, second [N]
+    storage rows; merging [N] bool. Streams that do not merge move zero, so two index
+    writes serve all streams.
     """
     import torch
 
     keep = merging.reshape((-1,) + (1,) * (x.ndim - 2))
-    moved = torch.where(keep, x[rows, second], 0)
-    x.index_put_((rows, first), moved, accumulate=True)
-    x.index_put_((rows, second), -moved, accumulate=True)
+    moved = torch.where(keep, read(x, second), 0)
+    add(x, first, moved)
+    add(x, second, -moved)
 
 
 def close_gap(P, merged):
     """The slot map after logical slots j and j+1 merged (j = merged; -1: unchanged).
 
-    Entry j+1 leaves, the later entries move up by one and the freed physical slot
-    (now empty) becomes the last entry, where the next append takes it. P stays a
-    permutation of 0 ... K-1.   P [N, K], merged [N] -> [N, K].
+    Entry j+1 leaves, the later entries move up by one and the freed row (now empty)
+    becomes the last entry, where the next append takes it. Each row of P stays a
+    permutation of its stream's rows.   P [N, K], merged [N] -> [N, K].
     """
     import torch
 
@@ -288,23 +293,35 @@ def slot_weights(lam, m, slots):
     return torch.where(slot < m[:, None], lam, 0)
 
 
-def physical(w, P):
-    """A per-slot row from logical to physical order: out[P[i]] = w[i].   [N, K]"""
-    return w.new_zeros(w.shape).scatter(1, P, w)
+def at(P, i):
+    """The storage row of logical slot i[n] of every stream: P[n, i[n]].   [N]"""
+    return P.gather(1, i[:, None])[:, 0]
+
+
+def read(x, rows):
+    """Rows of a slot field: x viewed as [N*K, ...], rows [N*R] -> [N*R, ...]."""
+    return x.flatten(0, 1).index_select(0, rows)
+
+
+def add(x, rows, value):
+    """x[rows] += value in place, x viewed as [N*K, ...]; rows distinct."""
+    x.flatten(0, 1).index_add_(0, rows, value)
 
 
 def logical(x, P):
-    """A slot field from physical to logical order: out[i] = x[P[i]].   [N, K, ...]"""
-    import torch
+    """A slot field in logical order: out[n, i] = x at row P[n, i].   [N, K, ...]"""
+    return read(x, P.flatten()).reshape(x.shape)
 
-    index = P.reshape(P.shape + (1,) * (x.ndim - 2))
-    return torch.take_along_dim(x, index, dim=1)
+
+def physical(w, P):
+    """A per-slot row from logical order to storage rows: out at row P[n, i] = w[n, i]."""
+    return w.new_zeros(w.numel()).scatter(0, P.flatten(), w.flatten()).reshape(w.shape)
 
 
 def readout(q, S, w):
     """o_t = sum_i w_i q_t^T S_i, one batched matrix-vector product over all slots.
 
-    q [N, Dk], S [N, K, Dk, Dv], w [N, K] (physical order) -> [N, Dv].
+    q [N, Dk], S [N, K, Dk, Dv], w [N, K] (storage order, see ``physical``) -> [N, Dv].
     """
     N, K, Dk, Dv = S.shape
     wq = (w[:, :, None] * q[:, None, :]).reshape(N, 1, K * Dk)
