@@ -89,6 +89,7 @@ class Candidate:
     state_dtype  the dtype of its cache S, info and trace scores; None = not declared
                  (then it is read from the result and not checked)
     rebuild      a Python expression that rebuilds this candidate in a reproducer
+    imports      the line(s) that expression needs first ("" if none)
     """
 
     label: str
@@ -98,6 +99,7 @@ class Candidate:
     dtype: str
     state_dtype: str | None
     rebuild: str
+    imports: str = ""
 
 
 def parse_backend(name: str) -> tuple[str, TableEntry, str]:
@@ -184,11 +186,16 @@ def reference_candidate(dtype: str) -> Candidate:
 def candidate_for(fn: Callable, q, state_dtype: str | None = None) -> Candidate:
     """A candidate for any callable with the dla signature, fed arrays like ``q``."""
     namespace, device, dtype = describe(q)
-    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-    return Candidate(label=name, load=lambda: fn, namespace=namespace, device=device,
-                     dtype=dtype, state_dtype=state_dtype,
-                     rebuild=(f"candidate_for(your_dla, to_native(case.q, {namespace!r}, "
-                              f"{device!r}, {dtype!r}))  # your_dla: {name}"))
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "your_dla")
+    importable = module is not None and "<" not in qualname
+    return Candidate(label=f"{module}:{qualname}", load=lambda: fn, namespace=namespace,
+                     device=device, dtype=dtype, state_dtype=state_dtype,
+                     rebuild=(f"candidate_for({qualname if importable else 'your_dla'}, "
+                              f"to_native(case.q, {namespace!r}, {device!r}, {dtype!r}), "
+                              f"state_dtype={state_dtype!r})"),
+                     imports=(f"from {module} import {qualname}" if importable else
+                              f"your_dla = ...  # the function under test, {qualname}"))
 
 
 # --- converting arrays ----------------------------------------------------------------
@@ -600,7 +607,8 @@ class Context(NamedTuple):
             rebuild = f"load_case({path!r})"
         return ("import numpy as np\n"
                 "from dla_backends.testing import *\n"
-                f"case = {rebuild}\n"
+                + (f"{self.candidate.imports}\n" if self.candidate.imports else "")
+                + f"case = {rebuild}\n"
                 f"check_case({self.candidate.rebuild}, case)"
                 "  # runs it and dla_ref.dla, raises with the details")
 
@@ -641,7 +649,7 @@ def assert_close(actual, expected: np.ndarray, budget, what: str, context: Conte
     worst = np.unravel_index(np.argmax(share), share.shape)
     if share[worst] > 1:
         context.fail(f"{what} differs from the reference at index {list(map(int, worst))}: "
-                     f"got {got[worst]!r}, want {expected[worst]!r}; max abs error "
+                     f"got {got[worst].item()!r}, want {expected[worst].item()!r}; max abs error "
                      f"{np.max(error):.3g}, {share[worst]:.3g} x the budget "
                      f"({budget[worst]:.3g} there); {int(np.sum(share > 1))} of "
                      f"{share.size} entries over")

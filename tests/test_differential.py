@@ -10,6 +10,9 @@ there: a named case is skipped with its message, a Hypothesis example is rejecte
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given, note, reject, settings
 
@@ -58,3 +61,12 @@ def test_float32_reference_fits_the_float32_tolerances(spec):
     """The tolerance table is not too tight: the reference computing in float32 passes
     the float32 row on drawn cases, its decisions at ties included."""
     check_case(reference_candidate("float32"), build_case(spec))
+
+
+def test_the_documented_examples_run():
+    """docs/testing-your-kernel.md's Python blocks run as written: one call of
+    assert_matches_reference, then its Hypothesis test of a float32 stand-in kernel."""
+    doc = Path(__file__).parents[1] / "docs" / "testing-your-kernel.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 2, "the page's examples changed: update this test"
+    exec(compile("\n".join(blocks), str(doc), "exec"), {"__name__": "docs_example"})
