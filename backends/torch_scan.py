@@ -66,7 +66,8 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
     opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
                          normalize=normalize, slots=slots, eps=eps)
     if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor for the torch backend, got {type(q).__name__}")
+        raise TypeError(f"q must be a torch.Tensor for the torch backend, "
+                        f"got {type(q).__name__}")
     xp = array_api_compat.array_namespace(q, k, v, lam)
     B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
                                    lam_columns=capacity)
@@ -228,7 +229,7 @@ def step(xp, cache, token, opts, decide, recording):
 def transition(S, k, kt, alpha, backbone, recording):
     """G_t S_i for every physical slot, as a tensor the step may write into.
 
-        linear: G_t = 1        mamba2: G_t = alpha_t        gdn: G_t = alpha_t (I - beta_t k_t k_t^T)
+        linear: G_t = 1,   mamba2: G_t = alpha_t,   gdn: G_t = alpha_t (I - beta_t k_t k_t^T)
 
     S [N, K, Dk, Dv]; k, kt = beta k [N, Dk]; alpha [N] (None for linear). gdn is
     alpha S - (alpha kt) (k^T S_i), with no [N, K, Dk, Dv] temporary besides S.
