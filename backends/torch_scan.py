@@ -20,7 +20,7 @@ What differs from the reference, and why:
   so absorb and append are the same write ("add s_t"). Rows are read and written
   with index_select / index_add_ on the flat storage (cheaper than advanced indexing),
   and the result is returned in logical order.
-- Writes are in place (index_put_), never on a tensor autograd saved: while autograd
+- Writes are in place (index_add_), never on a tensor autograd saved: while autograd
   records, the transition produces a fresh S each token and the writes go there, so
   the scan stays differentiable (and keeps every token's S for backward, O(T K Dk Dv)
   memory, as any recurrent form does). Per token only the transition and the readout
@@ -227,7 +227,8 @@ def step(xp, cache, token, opts, decide, recording):
 
 
 def transition(S, k, kt, alpha, backbone, recording):
-    """G_t S_i for every physical slot, as a tensor the step may write into.
+    """G_t S_i for every storage row (empty rows are zero and stay zero), as a tensor
+    the step may write into.
 
         linear: G_t = 1,   mamba2: G_t = alpha_t,   gdn: G_t = alpha_t (I - beta_t k_t k_t^T)
 
@@ -305,8 +306,11 @@ def read(x, rows):
 
 
 def add(x, rows, value):
-    """x[rows] += value in place, x viewed as [N*K, ...]; rows distinct."""
-    x.flatten(0, 1).index_add_(0, rows, value)
+    """x[rows] += value in place, x viewed as [N*K, ...]; rows distinct.
+
+    ``view``, not ``flatten``: a copy would drop the write, so fail instead.
+    """
+    x.view((-1,) + tuple(x.shape[2:])).index_add_(0, rows, value)
 
 
 def logical(x, P):
