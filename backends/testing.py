@@ -42,7 +42,7 @@ import numpy as np
 
 import dla_ref
 from dla_ref.admissibility import to_host
-from dla_ref.recurrent import prepare, replay, scan
+from dla_ref.recurrent import prepare, scan
 from dla_ref.step import dla_decision, pair_density
 from dla_ref.validation import check_options
 
@@ -102,34 +102,50 @@ class Candidate:
     imports: str = ""
 
 
-def parse_backend(name: str) -> tuple[str, TableEntry, str]:
-    """Split "torch@cuda" into ("torch", its table entry, "cuda").
+class BackendName(NamedTuple):
+    """A parsed test backend name NAME[@DEVICE][:DTYPE], e.g. "triton@cuda:float16"."""
 
-    No suffix picks the entry's first device. An unknown name or a device the entry
-    cannot run on is a ValueError that lists what is known.
+    base: str
+    entry: TableEntry
+    device: str
+    dtype: str | None  # None: float64 if the implementation takes it, else float32
+
+
+def parse_backend(name: str) -> BackendName:
+    """Parse NAME[@DEVICE][:DTYPE]: a BACKENDS name, a device, an input dtype.
+
+    No device picks the entry's first; no dtype lets ``get_backend`` choose. An
+    unknown name, a device the entry cannot run on or a dtype its implementation does
+    not take is a ValueError that lists what is known.
     """
-    base, _, device = name.partition("@")
+    rest, _, dtype = name.partition(":")
+    base, _, device = rest.partition("@")
     if base not in BACKENDS:
         raise ValueError(f"unknown test backend {name!r}; known: {', '.join(BACKENDS)} "
-                         "(torch-based ones take a suffix @cpu or @cuda)")
+                         "(written NAME[@DEVICE][:DTYPE], e.g. triton@cuda:float16)")
     entry = BACKENDS[base]
     device = device or entry.devices[0]
     if device not in entry.devices:
         raise ValueError(f"test backend {base!r} runs on {'/'.join(entry.devices)}, "
                          f"not {device!r} (in {name!r})")
-    return base, entry, device
+    accepted = registry.get(entry.implementation).dtypes
+    if dtype and dtype not in accepted:
+        raise ValueError(f"test backend {base!r} takes {'/'.join(accepted)}, not {dtype!r} "
+                         f"(in {name!r})")
+    return BackendName(base, entry, device, dtype or None)
 
 
 def get_backend(name: str) -> Candidate:
-    """The candidate for a test backend name ("numpy", "triton@cuda", ...).
+    """The candidate for a test backend name ("numpy", "triton@cuda:float16", ...).
 
-    Its inputs are float64 where the implementation accepts float64, else float32;
-    its state dtype is the registry's (None there means the input's dtype).
+    Its inputs are of the named dtype, else float64 where the implementation accepts
+    float64, else float32; its state dtype is the registry's (None there means the
+    input's dtype).
     """
-    base, entry, device = parse_backend(name)
+    base, entry, device, dtype = parse_backend(name)
     impl = registry.get(entry.implementation)
-    dtype = "float64" if "float64" in impl.dtypes else "float32"
-    return Candidate(label=name if "@" in name else f"{base}@{device}", load=impl.load,
+    dtype = dtype or ("float64" if "float64" in impl.dtypes else "float32")
+    return Candidate(label=f"{base}@{device}:{dtype}", load=impl.load,
                      namespace=entry.namespace, device=device, dtype=dtype,
                      state_dtype=impl.state_dtype or dtype,
                      rebuild=f"get_backend({name!r})")
@@ -142,7 +158,7 @@ def availability(name: str) -> tuple[bool, str]:
     availability test, and that the implementation's module exists (it may not be
     written yet). An unknown name is a ValueError, not an unavailability.
     """
-    _, entry, device = parse_backend(name)
+    _, entry, device, _ = parse_backend(name)
     package = {"numpy": "numpy", "array_api_strict": "array_api_strict",
                "torch": "torch", "cupy": "cupy"}[entry.namespace]
     if importlib.util.find_spec(package) is None:
@@ -177,9 +193,11 @@ def reference_candidate(dtype: str) -> Candidate:
     What a correct kernel of that precision looks like: the suite runs it against
     the float64 reference to show that the tolerance table is not too tight.
     """
-    return Candidate(label=f"dla_ref.dla(dtype={dtype})", namespace="numpy", device="cpu",
-                     dtype=dtype, state_dtype=dtype,
-                     load=lambda: lambda *args, **kw: dla_ref.dla(*args, **kw, dtype=np.dtype(dtype)),
+    def dla(*args, **kwargs):
+        return dla_ref.dla(*args, **kwargs, dtype=np.dtype(dtype))
+
+    return Candidate(label=f"dla_ref.dla(dtype={dtype})", load=lambda: dla,
+                     namespace="numpy", device="cpu", dtype=dtype, state_dtype=dtype,
                      rebuild=f"reference_candidate({dtype!r})")
 
 
@@ -273,7 +291,6 @@ def noncontiguous(x):
 # --- cases ------------------------------------------------------------------------------
 
 TOKEN_INPUTS = ("q", "k", "v", "lam", "log_alpha", "beta")
-OPTION_NAMES = ("backbone", "tau", "capacity", "score", "normalize", "slots")
 
 
 @dataclass(frozen=True, eq=False)

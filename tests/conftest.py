@@ -1,10 +1,11 @@
 """The backend fixture and the Hypothesis profiles of the whole test suite.
 
 ``backend``: every test that asks for it runs once per name in the environment
-variable DLA_BACKENDS (a comma list of ``dla_backends.testing.BACKENDS`` names, a
-torch-based one optionally suffixed @cpu or @cuda), e.g.
+variable DLA_BACKENDS, a comma list of ``dla_backends.testing.BACKENDS`` names written
+NAME[@DEVICE][:DTYPE] (device cpu or cuda for torch-based ones; input dtype float64
+by default where accepted), e.g.
 
-    DLA_BACKENDS=triton@cuda,torch@cuda,torch-chunked@cuda,cupy pytest tests
+    DLA_BACKENDS=triton@cuda,torch@cuda,torch-chunked@cuda,cupy,torch@cuda:float16 pytest tests
 
 Unset, it is every backend that can run on a CPU. An unknown name stops the run with
 the list of known ones; one that cannot run here (not installed, no GPU, module not
@@ -49,8 +50,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 CPU_BACKENDS = ("numpy", "array_api_strict", "reference-torch", "numba", "torch",
                 "torch-chunked", "triton", "cuda-model")
 
-# Share of the profile's examples a backend runs: the interpreted Triton kernels take
-# seconds per case on a CPU, so they get fewer. On CUDA everything runs in full.
+# Share of the profile's examples a backend (NAME@DEVICE) runs: the interpreted Triton
+# kernels take seconds per case on a CPU, so they get fewer. On CUDA all run in full.
 EXAMPLE_SHARE = {"triton@cpu": 0.1}
 
 
@@ -94,5 +95,5 @@ def backend(request) -> testing.Candidate:
 @pytest.fixture
 def examples(backend) -> int:
     """Hypothesis examples per differential test for this backend (at least 1)."""
-    share = EXAMPLE_SHARE.get(backend.label, 1.0)
+    share = EXAMPLE_SHARE.get(backend.label.partition(":")[0], 1.0)
     return max(1, round(settings().max_examples * share))

@@ -1,4 +1,5 @@
-"""dla_backends.dla dispatch: which implementation runs for which arrays, and the errors.
+"""dla_backends.dla dispatch: which implementation runs for which arrays, and the errors;
+and the test backends' names (DLA_BACKENDS), which pick implementation, device and dtype.
 
 ``select`` is the decision; ``dla`` only forwards to what it selected, so the routing is
 tested on ``select`` (no kernel is compiled here) and the forwarding once with a stand-in.
@@ -6,15 +7,18 @@ tested on ``select`` (no kernel is compiled here) and the forwarding once with a
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dla_backends
-from dla_backends import registry
+from dla_backends import registry, testing
 
 
 def numpy_q(dtype=np.float64):
@@ -114,3 +118,48 @@ def test_importing_the_package_loads_no_optional_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- the test backends: DLA_BACKENDS names ----------------------------------------------
+
+
+@pytest.mark.parametrize("name, label", [
+    ("numpy", "numpy@cpu:float64"),
+    ("reference-torch@cuda", "reference-torch@cuda:float64"),
+    ("numba:float32", "numba@cpu:float32"),
+    ("cupy", "cupy@cuda:float64"),
+])
+def test_backend_names_pick_device_and_dtype(name, label):
+    assert testing.get_backend(name).label == label
+
+
+@pytest.mark.parametrize("name, error", [
+    ("nope", "unknown test backend 'nope'; known: numpy, array_api_strict"),
+    ("cupy@cpu", "'cupy' runs on cuda, not 'cpu'"),
+    ("numpy@cuda", "'numpy' runs on cpu, not 'cuda'"),
+    ("numba:float16", "'numba' takes float32/float64, not 'float16'"),
+])
+def test_bad_backend_names_say_what_is_known(name, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        testing.parse_backend(name)
+
+
+def run_pytest(backends: str) -> subprocess.CompletedProcess:
+    """pytest on one named differential case, with DLA_BACKENDS set."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+         "tests/test_differential.py::test_named_case[{}-T=1]".format(backends)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        env={**os.environ, "DLA_BACKENDS": backends})
+
+
+def test_an_unknown_dla_backends_name_stops_the_run():
+    run = run_pytest("nope")
+    assert run.returncode != 0
+    assert "DLA_BACKENDS: unknown test backend 'nope'" in run.stdout + run.stderr
+
+
+def test_an_unavailable_backend_is_skipped_with_its_reason():
+    run = run_pytest("cupy")
+    assert run.returncode == 0, run.stdout
+    assert "SKIPPED" in run.stdout and "backend cupy unavailable:" in run.stdout
