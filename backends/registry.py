@@ -26,8 +26,9 @@ class Implementation:
                 ("numpy", "torch", "array_api_strict", "cupy")
     devices     "cpu" and/or "cuda"
     dtypes      input dtypes it accepts ("float16", "bfloat16", "float32", "float64")
-    state_dtype the dtype it keeps the state in, which sets its tolerance
-                (None = the input's dtype; the reference computes in float64)
+    state_dtype the dtype it keeps the state in, which sets its tolerance (None = the
+                input's dtype, float32 for float16/bfloat16 inputs, whose range and
+                precision are too small for a state; see ``state_dtype_for``)
     loader      "module:function", imported on first use
     available   () -> (ok, reason): can it run on this machine?
     """
@@ -39,6 +40,12 @@ class Implementation:
     loader: str
     available: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""))
     state_dtype: str | None = None
+
+    def state_dtype_for(self, input_dtype: str) -> str:
+        """The dtype of S, info and scores for inputs of ``input_dtype`` (a name)."""
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return "float32" if input_dtype in ("float16", "bfloat16") else input_dtype
 
     def load(self) -> Callable:
         module, _, attr = self.loader.partition(":")
