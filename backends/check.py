@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from . import testing
 
+    testing.interpret_triton_without_cuda()
     try:
         ok, why = testing.availability(args.backend)
     except ValueError as exc:

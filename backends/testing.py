@@ -139,15 +139,14 @@ def get_backend(name: str) -> Candidate:
     """The candidate for a test backend name ("numpy", "triton@cuda:float16", ...).
 
     Its inputs are of the named dtype, else float64 where the implementation accepts
-    float64, else float32; its state dtype is the registry's (None there means the
-    input's dtype).
+    float64, else float32; its state dtype is the registry's (``state_dtype_for``).
     """
     base, entry, device, dtype = parse_backend(name)
     impl = registry.get(entry.implementation)
     dtype = dtype or ("float64" if "float64" in impl.dtypes else "float32")
     return Candidate(label=f"{base}@{device}:{dtype}", load=impl.load,
                      namespace=entry.namespace, device=device, dtype=dtype,
-                     state_dtype=impl.state_dtype or dtype,
+                     state_dtype=impl.state_dtype_for(dtype),
                      rebuild=f"get_backend({name!r})")
 
 
@@ -173,6 +172,16 @@ def availability(name: str) -> tuple[bool, str]:
     if importlib.util.find_spec(module) is None:
         return False, f"module {module} does not exist (not written yet?)"
     return True, ""
+
+
+def interpret_triton_without_cuda() -> None:
+    """Set TRITON_INTERPRET=1 (unless it is set) when torch sees no CUDA device.
+
+    Then the Triton kernels run on CPU tensors. Triton reads the variable when it is
+    first imported, so this must run before anything imports triton.
+    """
+    if importlib.util.find_spec("torch") is None or not cuda_available("torch"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def cuda_available(namespace: str) -> bool:
@@ -347,11 +356,26 @@ class Case:
 
         The reference then sees exactly the numbers the candidate was given, so that
         only the candidate's arithmetic, not the rounding of its inputs, is judged.
+        A value that overflows the candidate's dtypes (say an unnormalized score sum in
+        a float16 cache) makes the case not applicable: NotImplementedError.
         """
         args = self.native(candidate)
-        return replace(self, **{name: widened(args[name]) for name in TOKEN_INPUTS},
-                       trace=widened_record(args["trace"]),
-                       initial_cache=widened_record(args["initial_cache"]))
+        given = replace(self, **{name: widened(args[name]) for name in TOKEN_INPUTS},
+                        trace=widened_record(args["trace"]),
+                        initial_cache=widened_record(args["initial_cache"]))
+        for name, x in given.arrays().items():
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise NotImplementedError(f"{name} overflows {candidate.dtype} inputs / "
+                                          f"{candidate.state_dtype or candidate.dtype} state")
+        return given
+
+    def arrays(self) -> dict:
+        """Every array of the case by name (initial cache and trace fields prefixed)."""
+        arrays = {name: getattr(self, name) for name in TOKEN_INPUTS}
+        for prefix, record in (("trace", self.trace), ("initial_cache", self.initial_cache)):
+            if record is not None:
+                arrays.update({f"{prefix}.{f}": x for f, x in record._asdict().items()})
+        return {name: x for name, x in arrays.items() if x is not None}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -360,13 +384,8 @@ class Case:
 
     def save(self, path: str) -> None:
         """Write the case to one .npz file (arrays, and the options as JSON)."""
-        arrays = {name: getattr(self, name) for name in TOKEN_INPUTS
-                  if getattr(self, name) is not None}
-        for prefix, record in (("trace", self.trace), ("initial_cache", self.initial_cache)):
-            if record is not None:
-                arrays.update({f"{prefix}.{f}": x for f, x in record._asdict().items()})
         meta = dict(options=self.options, noncontiguous=self.noncontiguous)
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        np.savez(path, meta=np.array(json.dumps(meta)), **self.arrays())
 
 
 def load_case(path: str) -> Case:
@@ -680,9 +699,15 @@ def run_candidate(candidate: Candidate, case: Case) -> dla_ref.Result:
     """The candidate's Result on the case's inputs, converted to its arrays.
 
     NotImplementedError (the candidate declares the option combination unsupported)
-    propagates: the caller reports it as not applicable.
+    propagates: the caller reports it as not applicable. Any other exception is a
+    failure (the case is valid input), reported with a reproducer.
     """
-    result = candidate.load()(**case.native(candidate))
+    try:
+        result = candidate.load()(**case.native(candidate))
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        Context(candidate, case).fail(f"raised {type(exc).__name__}: {exc}")
     if not (isinstance(result, dla_ref.Result) and isinstance(result.cache, dla_ref.Cache)
             and isinstance(result.trace, dla_ref.Trace)):
         Context(candidate, case).fail(
@@ -885,8 +910,8 @@ def check_case(candidate: Candidate, case: Case) -> float:
     AssertionError on any failure and NotImplementedError when the candidate does not
     support the case's options.
     """
-    got = run_candidate(candidate, case)
     given = case.as_given_to(candidate)
+    got = run_candidate(candidate, case)
     check_layout(candidate, given, got)
     check_decide(candidate, given, got)
     return check_apply(candidate, given, got)

@@ -22,24 +22,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
+from dla_backends import testing
 
-def cuda_present() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-# Triton reads TRITON_INTERPRET when it is first imported, so this must run before any
-# test module (or plugin) imports it: without CUDA the kernels run in the interpreter.
-if not cuda_present():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from hypothesis import settings  # noqa: E402
-
-from dla_backends import testing  # noqa: E402
+# Before any test module imports triton (importing dla_backends.testing does not):
+# without CUDA, the Triton kernels run in the interpreter.
+testing.interpret_triton_without_cuda()
 
 settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None,
                           print_blob=True)

@@ -180,3 +180,21 @@ def test_dla_check_fails_for_a_sabotaged_backend(capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "FAILED" in out and "reproduce" in out
+
+
+def test_an_exception_is_a_failure_with_a_reproducer():
+    """A backend that raises on valid input fails (AssertionError), it does not crash."""
+    def crashing(*args, **kwargs):
+        raise ValueError("lam contains NaN or inf")
+
+    with pytest.raises(AssertionError, match="raised ValueError: lam contains") as failure:
+        check_case(candidate("crashing", crashing), build_case(CaseSpec()))
+    assert "--- reproduce with ---" in str(failure.value)
+
+
+def test_values_a_dtype_cannot_hold_make_the_case_not_applicable():
+    """Unnormalized scores of a zero open state are ~1/eps: a float16 cache overflows."""
+    case = build_case(CaseSpec(split=4, keys="zero", normalize=False, T=4, seed=2))
+    assert np.max(case.initial_cache.info) > np.finfo(np.float16).max
+    with pytest.raises(NotImplementedError, match="initial_cache.info overflows float16"):
+        check_case(reference_candidate("float16"), case)
