@@ -13,12 +13,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, note, reject, settings
 
 import dla_ref
-from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, build_case, case_specs,
-                                  check_case, reference_candidate)
+from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, availability, build_case,
+                                  case_specs, check_case, get_backend, reference_candidate,
+                                  to_numpy)
 
 
 def check_or_skip(backend: Candidate, spec: CaseSpec) -> None:
@@ -70,3 +72,20 @@ def test_the_documented_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
     assert len(blocks) == 2, "the page's examples changed: update this test"
     exec(compile("\n".join(blocks), str(doc), "exec"), {"__name__": "docs_example"})
+
+
+@pytest.mark.parametrize("name", ["numpy", "reference-torch"])
+def test_noncontiguous_cases_feed_strided_views(name):
+    """The named non-contiguous case does reach the backend as strided views, with the
+    case's values (else its test would check nothing new)."""
+    ok, why = availability(name)
+    if not ok:
+        pytest.skip(why)
+    backend = get_backend(name)
+    case = build_case(NAMED_CASES["non-contiguous inputs"])
+    given = case.native(backend)
+    for field in ("q", "k", "v", "lam"):
+        x = given[field]
+        contiguous = x.is_contiguous() if hasattr(x, "is_contiguous") else x.flags.c_contiguous
+        assert not contiguous, field
+        assert np.array_equal(to_numpy(x), getattr(case, field)), field
