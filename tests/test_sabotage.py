@@ -18,8 +18,10 @@ import pytest
 import dla_ref
 import dla_ref.step
 from dla_backends import check as dla_check
-from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, build_case, check_apply,
-                                  check_case, check_decide, reference_candidate, run_candidate)
+from dla_backends import cli
+from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, availability, build_case,
+                                  check_apply, check_case, check_decide, reference_candidate,
+                                  run_candidate)
 
 ORIGINAL = {name: getattr(dla_ref.step, name)
             for name in ("merge_choice", "is_boundary", "slot_weights", "transition")}
@@ -198,3 +200,21 @@ def test_values_a_dtype_cannot_hold_make_the_case_not_applicable():
     assert np.max(case.initial_cache.info) > np.finfo(np.float16).max
     with pytest.raises(NotImplementedError, match="initial_cache.info overflows float16"):
         check_case(reference_candidate("float16"), case)
+
+
+def test_dla_check_passes_the_reference(capsys):
+    """``dla check --backend numpy`` through the command line: the table, exit 0."""
+    assert cli.main(["check", "--backend", "numpy", "--examples", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("named cases", "linear", "mamba2", "gdn"):
+        assert row in out
+    assert "passed: 0 failing case(s)" in out
+
+
+@pytest.mark.parametrize("name, why", [("nope", "unknown test backend 'nope'"),
+                                       ("cupy@cuda", "cannot run here")])
+def test_dla_check_says_why_it_cannot_run(capsys, name, why):
+    if name == "cupy@cuda" and availability(name)[0]:
+        pytest.skip("cupy can run here (a CUDA device is present)")
+    assert cli.main(["check", "--backend", name]) == 2
+    assert why in capsys.readouterr().out
