@@ -1,0 +1,445 @@
+"""Exact chunked prefill of DLA for the linear and mamba2 backbones (torch, CPU or CUDA).
+
+Same signature, semantics and result as ``dla_ref.dla``, plus ``chunk`` (C, the chunk
+length); registered as "torch-chunked". backbone="gdn" raises NotImplementedError: its
+transition is a Dk x Dk matrix per token, so the open state's norm is no longer a
+function of a Gram matrix of the chunk's tokens.
+
+The recurrent form touches all K states (K Dk Dv numbers) at every token. Here each
+stream's tokens are cut into chunks of C, and each chunk is done in two phases
+(proofs/chunked_prefill.md derives every formula used here):
+
+1. decide (host, NumPy, float64). The score needs three scalars (SPEC §7):
+   ||s_t||^2 = ||k_t||^2 ||v_t||^2, ||S_open||^2 and <S_open, s_t> = k_t^T S_open v_t;
+   merges need only the counts n and score sums J. Inside a chunk the open state is
+   always "the open state at the chunk start, decayed (until the chunk's first
+   boundary), plus the decayed contributions of a range [a, t) of the chunk's tokens".
+   So <S_open, s_t> is k_t^T S_0 v_t (one product per chunk) plus a row range of the
+   chunk's decayed Gram matrix Gd[t, s] = exp(L_t - L_s)(k_t . k_s)(v_t . v_s), and
+   ||S_open||^2 follows ||S||^2 <- alpha_t^2 (||S||^2 + 2 <S, s_t> + ||s_t||^2). Between
+   two boundaries nothing discrete happens, so the scores of all tokens up to the
+   next boundary are computed at once; the boundary token then goes through the
+   reference's own rules (``dla_ref.step``) on (n, J).
+2. apply (device, torch). Knowing the slot of every token at every time, the chunk's
+   outputs are one [C, K Dk] x [K Dk, Dv] product against the K states at the chunk
+   start (each query weighted per slot) plus the masked C x C product of the chunk's
+   own tokens; then the states move to the chunk's end (decay, the merges of
+   chunk-start slots, the chunk's tokens added to their slots).
+
+Memory per stream: the K states at the current chunk boundary, O(C^2 + C K) per
+chunk, O(T K) for the trace; no T x T matrix.
+
+State dtype: float64 for float64 inputs, float32 otherwise; o comes back in the input
+dtype. Decisions are computed in float64 whatever the state dtype (the expanded score
+loses half its digits where I_t is near 0). Under a forced trace the outputs and the
+final S are differentiable (phase 2 is out-of-place torch); decisions carry no gradient.
+
+Versions: v1 (this file, shipped and tested): host decisions jumping from boundary to
+boundary, per-chunk batched products on the device.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from typing import NamedTuple
+
+import array_api_compat
+import numpy as np
+
+from dla_ref.parallel import partition_history
+from dla_ref.records import Cache, Result, Trace
+from dla_ref.recurrent import cache_to_streams, empty_cache, from_streams, to_streams
+from dla_ref.step import (information_score_from_scalars, is_boundary, merge_adjacent,
+                          merge_choice, slot_weights, write_token)
+from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
+
+DEFAULT_CHUNK = 64
+npx = array_api_compat.array_namespace(np.zeros(0))  # NumPy as the reference's code expects it
+
+
+def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
+        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
+        trace=None, initial_cache=None, chunk=DEFAULT_CHUNK) -> Result:
+    """Dynamic Linear Attention by exact chunked prefill (see ``dla_ref.dla``).
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0; log_alpha [B, T, H] <= 0
+    (mamba2). trace: a Trace to replay (its scores are recomputed); initial_cache: a
+    Cache to continue from; chunk: C >= 1 tokens per chunk (any T works; the last
+    chunk may be shorter).
+
+    Returns Result(o [B, T, H, Dv] in the input dtype, cache (S, info in the state
+    dtype; n, m int64), trace (scores in the state dtype, boundary bool, merged
+    int64)), all on q's device.
+    """
+    import torch
+
+    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
+                         normalize=normalize, slots=slots, eps=eps)
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor for torch-chunked, got {type(q).__name__}")
+    xp = array_api_compat.array_namespace(q, k, v, lam)
+    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
+                                   lam_columns=capacity)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if backbone == "gdn":
+        raise NotImplementedError(
+            "torch-chunked covers backbone='linear' and 'mamba2': gdn's transition "
+            "(I - beta k k^T) makes the open state's norm depend on more than the "
+            "chunk's Gram matrix; use the 'torch' backend")
+    inputs = [x for x in (q, k, v, lam, log_alpha) if x is not None]
+    in_dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
+    dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+
+    N, K = B * H, capacity
+    if initial_cache is None:
+        S, n, info, m = empty_cache(xp, N, K, Dk, Dv, dtype)
+        S = S.to(q.device)
+    else:
+        check_cache(xp, initial_cache, B, H, K, Dk, Dv)
+        S, n, info, m = cache_to_streams(xp, initial_cache, dtype)
+        S = S.to(q.device)
+    carry = Carry(*(x.detach().cpu().numpy().astype(t) for x, t in
+                    ((m, np.int64), (n, np.int64), (info, np.float64))))
+    forced = None if trace is None else forced_trace(xp, trace, carry, B, T, H, K)
+
+    q, k, v, lam = (to_streams(xp, x.to(dtype)) for x in (q, k, v, lam))
+    log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=q.device) if log_alpha is None
+                 else to_streams(xp, log_alpha.to(torch.float64)))
+
+    outputs, decisions = [], []
+    for c0 in range(0, T, chunk):
+        part = slice(c0, min(c0 + chunk, T))
+        L = torch.cumsum(log_alpha[:, part], dim=1)  # L_t - L_{c0-1}: the chunk's log decay
+        m0 = carry.m
+        scalars = chunk_scalars(S, m0, k[:, part], v[:, part], L)
+        carry, made = decide_chunk(scalars, carry, opts, Dk * Dv,
+                                   None if forced is None else (forced[0][:, part],
+                                                                forced[1][:, part]))
+        slot_of = torch.from_numpy(slot_map(made.first_item, K)).to(q.device)
+        used = torch.from_numpy(made.used).to(q.device)
+        outputs.append(chunk_outputs(S, m0, q[:, part], k[:, part], v[:, part],
+                                     lam[:, part], L, slot_of, used, slots))
+        S = advance_states(S, m0, k[:, part], v[:, part], L, slot_of)
+        decisions.append(made)
+
+    scores, boundary, merged = (np.concatenate([getattr(d, f) for d in decisions], axis=1)
+                                for f in ("scores", "boundary", "merged"))
+    device = q.device
+    host = lambda x, t: torch.from_numpy(np.ascontiguousarray(x)).to(device, t)  # noqa: E731
+    o = from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
+    cache = Cache(S.reshape(B, H, K, Dk, Dv), host(carry.n, torch.int64).reshape(B, H, K),
+                  host(carry.info, dtype).reshape(B, H, K), host(carry.m, torch.int64).reshape(B, H))
+    found = Trace(from_streams(xp, host(scores, dtype), B, H),
+                  from_streams(xp, host(boundary, torch.bool), B, H),
+                  from_streams(xp, host(merged, torch.int64), B, H))
+    return Result(o, cache, found)
+
+
+def forced_trace(xp, trace, carry, B, T, H, K):
+    """A forced trace as host arrays (boundary [N, T] bool, merged [N, T] int64).
+
+    ``partition_history`` replays it on the counts of the initial cache and raises
+    the reference's ValueError where a decision does not fit the cache.
+    """
+    check_trace_shape(xp, trace, B, T, H)
+    boundary = to_streams(npx, np.asarray(trace.boundary.detach().cpu()))
+    merged = to_streams(npx, np.asarray(trace.merged.detach().cpu()).astype(np.int64))
+    partition_history(npx, boundary, merged, K, n=carry.n, m=carry.m)
+    return boundary, merged
+
+
+# --- phase 1: decide ---------------------------------------------------------------------
+
+
+class Carry(NamedTuple):
+    """The decision state between chunks (host): m [N], n [N, K] int, info (J) [N, K] float64."""
+
+    m: np.ndarray
+    n: np.ndarray
+    info: np.ndarray
+
+
+class ChunkScalars(NamedTuple):
+    """Everything the decisions of one chunk read (host, float64; N streams, C tokens).
+
+    Token j of the chunk is t = c0 + j; L_j = sum_{u=c0}^{t} log alpha_u (L_{-1} = 0);
+    S_0 is the open state at the chunk start (zero if the cache is empty).
+
+    token_norm   [N, C]       ||s_j||^2 = ||k_j||^2 ||v_j||^2
+    start_norm   [N]          ||S_0||^2
+    start_dot    [N, C]       exp(L_j) k_j^T S_0 v_j = <S_0 decayed to token j, s_j>
+    start_decay2 [N, C]       exp(2 L_j): how ||S_0||^2 decays until token j
+    gram_prefix  [N, C, C+1]  sum_{s < i} Gd[j, s] at [., j, i]; Gd[j, s] = exp(L_j - L_s)
+                              (k_j . k_s)(v_j . v_s) for s < j, else 0
+    gram_before  [N, C]       sum_{s < j} Gd[j, s] (gram_prefix at i = j)
+    decay2       [N, C, C]    exp(2 (L_j - L_s)) for s < j, else 0
+    """
+
+    token_norm: np.ndarray
+    start_norm: np.ndarray
+    start_dot: np.ndarray
+    start_decay2: np.ndarray
+    gram_prefix: np.ndarray
+    gram_before: np.ndarray
+    decay2: np.ndarray
+
+
+def chunk_scalars(S, m, k, v, L) -> ChunkScalars:
+    """The ``ChunkScalars`` of a chunk: O(C^2 (Dk + Dv) + C Dk Dv) work per stream.
+
+    S [N, K, Dk, Dv] the states at the chunk start, m [N] (host) slots in use;
+    k [N, C, Dk], v [N, C, Dv]; L [N, C] float64, the chunk's cumulative log decay.
+    The open state enters as it is stored, so that its norm and its products with
+    the chunk's tokens are those of one and the same matrix.
+    """
+    import torch
+
+    f64 = torch.float64
+    k, v = k.to(f64), v.to(f64)
+    rows = torch.arange(S.shape[0], device=S.device)
+    last = torch.from_numpy(np.maximum(m - 1, 0)).to(S.device)
+    opened = torch.from_numpy(m > 0).to(S.device)[:, None, None]
+    S0 = torch.where(opened, S[rows, last].to(f64), 0.0)
+    before = torch.arange(L.shape[1], device=L.device)
+    earlier = before[None, :, None] > before[None, None, :]  # [1, C(j), C(s)]: s < j
+    decay = torch.exp(torch.where(earlier, L[:, :, None] - L[:, None, :], -torch.inf))
+    prefix = torch.nn.functional.pad(torch.cumsum((k @ k.mT) * (v @ v.mT) * decay, dim=-1),
+                                     (1, 0))
+    start_decay = torch.exp(L)
+    scalars = (
+        (k * k).sum(-1) * (v * v).sum(-1),
+        (S0 * S0).sum((-2, -1)),
+        start_decay * ((k @ S0) * v).sum(-1),
+        start_decay * start_decay,
+        prefix,
+        prefix.diagonal(dim1=1, dim2=2),
+        decay * decay,
+    )
+    return ChunkScalars(*(x.detach().cpu().numpy() for x in scalars))
+
+
+class ChunkDecisions(NamedTuple):
+    """What phase 1 decided for one chunk (host; N streams, C tokens, K slots).
+
+    scores [N, C] float64, boundary [N, C] bool, merged [N, C] int64: the trace.
+    used [N, C] int64: slots in use after token j (m_t).
+    first_item [N, C, K] int64: after token j, the first item of each used slot, in
+        the chunk's item numbering (item i < K: chunk-start slot i; item K + s: the
+        chunk's token s); K + C for an unused slot.
+    """
+
+    scores: np.ndarray
+    boundary: np.ndarray
+    merged: np.ndarray
+    used: np.ndarray
+    first_item: np.ndarray
+
+
+def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
+    """DLA's decisions for one chunk, boundary to boundary.   -> (Carry, ChunkDecisions)
+
+    x: the chunk's scalars; carry: (m, n, J) at the chunk start; size = Dk * Dv;
+    forced: (boundary [N, C], merged [N, C]) of a forced trace, or None.
+
+    Each round, every stream that has tokens left assumes its open slot goes on
+    absorbing: its scores up to the chunk's end follow in closed form
+    (``scores_while_absorbing``); its first token that opens a slot (I_t >= tau, an
+    empty cache, or the forced trace's boundary) ends the round. The tokens before
+    it are absorbed (J_{m-1} += I_t in token order, as the reference adds), and that
+    token is decided by the reference's functions: ``merge_choice`` (or the forced
+    index), ``merge_adjacent``, ``write_token``. It is the open slot's first token
+    in the next round. Rounds per chunk: 1 + the most boundaries any stream has in it.
+    """
+    N, C = x.token_norm.shape
+    K = opts.capacity
+    rows, cols = np.arange(N), np.arange(C)
+    m, n, info = carry.m.copy(), carry.n.copy(), carry.info.copy()
+    m0 = m.copy()
+    items = (np.arange(K)[None, :] < m[:, None]).astype(np.int64)  # one per chunk-start slot
+    holds_start = m > 0  # the open slot still holds the chunk-start open state
+    first = np.zeros(N, dtype=np.int64)  # else its first chunk token
+    open_norm = x.start_norm.copy()  # ||S_open||^2 after token p - 1
+    p = np.zeros(N, dtype=np.int64)  # the first undecided token
+    scores, merges = np.zeros((N, C)), np.full((N, C), -1, dtype=np.int64)
+    boundary = np.zeros((N, C), dtype=bool)
+    # the partition changes only at a boundary: the r-th boundary of a stream in this
+    # chunk happens in round r and starts its partition r + 1
+    partitions = [(m, first_items(items, m, m0, K, C))]
+
+    while True:
+        live = cols[None, :] >= p[:, None]
+        score = scores_while_absorbing(x, p, holds_start, first, open_norm, live, opts, size)
+        score = np.where(m[:, None] > 0, score, 0.0)  # I := 0 at an empty cache (SPEC §3.3)
+        opens = forced[0] if forced is not None else is_boundary(npx, score, m[:, None], opts)
+        opens = opens & live
+        nxt = np.where(opens.any(axis=1), np.argmax(opens, axis=1), C)
+        absorbed = live & (cols[None, :] < nxt[:, None])
+        scores = np.where(live & (cols[None, :] <= nxt[:, None]), score, scores)
+
+        last = np.maximum(m - 1, 0)  # streams with m = 0 absorb nothing
+        sums = np.cumsum(np.concatenate([info[rows, last][:, None],
+                                         np.where(absorbed, score, 0.0)], axis=1), axis=1)
+        info[rows, last] = sums[:, -1]  # adding 0.0 is exact: the reference's sum
+        n[rows, last] += absorbed.sum(axis=1)
+        items[rows, last] += absorbed.sum(axis=1)
+
+        at = nxt < C
+        if not at.any():
+            break
+        j = np.minimum(nxt, C - 1)
+        if forced is not None:
+            merged = np.where(at, forced[1][rows, j], -1)
+        else:
+            merged = merge_choice(npx, n, info, m, at, K)
+        if (merged >= 0).any():  # merge_adjacent with j = -1 everywhere is the identity
+            n, items, info = (merge_adjacent(npx, y, merged) for y in (n, items, info))
+            m = m - (merged >= 0)
+        n = write_token(npx, n, m, at, at.astype(np.int64))
+        items = write_token(npx, items, m, at, at.astype(np.int64))
+        info = write_token(npx, info, m, at, np.where(at, score[rows, j], 0.0))
+        m = m + at
+
+        boundary[rows[at], j[at]] = True
+        merges[rows[at], j[at]] = merged[at]
+        partitions.append((m, first_items(items, m, m0, K, C)))
+        holds_start &= ~at
+        first = np.where(at, j, first)
+        open_norm = np.where(at, x.token_norm[rows, j], open_norm)
+        p = np.where(at, j + 1, C)
+
+    which = np.cumsum(boundary, axis=1)  # [N, C]: the partition each token reads
+    used = np.stack([u for u, _ in partitions], axis=1)  # [N, R, ...]
+    starts = np.stack([f for _, f in partitions], axis=1)
+    made = ChunkDecisions(scores, boundary, merges, np.take_along_axis(used, which, axis=1),
+                          np.take_along_axis(starts, which[..., None], axis=1))
+    return Carry(m, n, info), made
+
+
+def scores_while_absorbing(x: ChunkScalars, p, holds_start, first, open_norm, live, opts,
+                           size):
+    """I_j for every token j >= p, if the open slot absorbs tokens p ... j-1.   [N, C]
+
+    The open slot holds S_0 (if ``holds_start``) and the chunk's tokens first ... p-1,
+    and ||S_open||^2 = open_norm after token p - 1. Then, for j >= p (SPEC §7):
+
+        <S_open, s_j>   = [holds_start] exp(L_j) k_j^T S_0 v_j + sum_{s=first}^{j-1} Gd[j, s]
+        ||S_open||^2    = exp(2 (L_j - L_{p-1})) open_norm
+                          + sum_{r=p}^{j-1} exp(2 (L_j - L_r)) (2 <S_open, s_r> + ||s_r||^2)
+
+    (the second is the recurrence ||S||^2 <- alpha^2 (||S||^2 + 2 <S, s> + ||s||^2)
+    unrolled). Entries with j < p (``live`` False) are computed as if the open state were 0.
+    """
+    N, C = x.token_norm.shape
+    rows = np.arange(N)
+    at_first = np.take_along_axis(x.gram_prefix, np.broadcast_to(first[:, None, None], (N, C, 1)),
+                                  axis=2)[..., 0]
+    dot = np.where(holds_start[:, None], x.start_dot, 0.0) + x.gram_before - at_first
+    dot = np.where(live, dot, 0.0)
+    grow = np.where(live, 2 * dot + x.token_norm, 0.0)
+    since = np.where(p[:, None] == 0, x.start_decay2,
+                     x.decay2[rows, :, np.maximum(p - 1, 0)])  # exp(2 (L_j - L_{p-1}))
+    open_norms = since * open_norm[:, None] + np.matmul(x.decay2, grow[..., None])[..., 0]
+    open_norms = np.where(live, np.maximum(open_norms, 0.0), 0.0)
+    return information_score_from_scalars(npx, x.token_norm, open_norms, dot,
+                                          size, opts)
+
+
+def first_items(items, m, m0, K, C):
+    """The first item of each used slot, in the chunk's item numbering.   [N, K]
+
+    items [N, K]: items per slot (a chunk-start slot is one item, a token another);
+    m [N] slots in use; m0 [N] slots in use at the chunk start. Counted in packed
+    order (chunk-start slots 0 ... m0-1, then the tokens), a slot starts at the
+    number of items before it; token s is packed item m0 + s and numbered K + s.
+    Unused slots get K + C.
+    """
+    packed = np.cumsum(items, axis=1) - items
+    numbered = np.where(packed < m0[:, None], packed, packed - m0[:, None] + K)
+    return np.where(np.arange(K)[None, :] < m[:, None], numbered, K + C)
+
+
+def slot_map(first_item, K):
+    """slot_of[n, j, x]: the slot that holds item x after the chunk's token j.   [N, C, K + C]
+
+    first_item [N, C, K] (see ``ChunkDecisions``). An item is in the last used slot
+    that starts at or before it: mark every slot start, count the marks up to x,
+    minus one. Entries of absent items (chunk-start slots >= m0, tokens after j) are
+    meaningless; the readout masks them.
+    """
+    N, C, _ = first_item.shape
+    marks = np.zeros((N, C, K + C + 1), dtype=np.int64)  # the last column takes unused slots
+    np.put_along_axis(marks, first_item, 1, axis=2)
+    return np.cumsum(marks[..., :-1], axis=2) - 1
+
+
+# --- phase 2: apply ------------------------------------------------------------------------
+
+
+def chunk_outputs(S, m0, q, k, v, lam, L, slot_of, used, slots):
+    """The chunk's outputs from the states at its start and its own tokens.   [N, C, Dv]
+
+        o_j = sum_{i < m0} w_j[slot_of[j, i]] exp(L_j) q_j^T S_i
+            + sum_{s <= j} w_j[slot_of[j, K + s]] exp(L_j - L_s) (q_j . k_s) v_s
+
+    with w_j = slot_weights(lam_j, m_j, slots) (SPEC §3.6; the slot order maps slot
+    to lambda column). S [N, K, Dk, Dv] at the chunk start, m0 [N] (host) slots in
+    use there; q, k [N, C, Dk], v [N, C, Dv], lam [N, C, K]; L [N, C] float64;
+    slot_of [N, C, K + C] and used [N, C] from the decisions.
+    The first sum is one [C, K Dk] x [K Dk, Dv] product per stream (each query
+    scaled per slot), the second the masked C x C form of chunked linear attention.
+    """
+    import torch
+
+    N, C, Dk = q.shape
+    K, Dv = S.shape[1], S.shape[3]
+    xp = array_api_compat.array_namespace(lam)
+    w = slot_weights(xp, lam.reshape(N * C, K), used.reshape(N * C), slots).reshape(N, C, K)
+    weight = torch.take_along_dim(w, slot_of.clamp(min=0, max=K - 1), dim=2)  # [N, C, K + C]
+
+    present = torch.arange(K, device=S.device)[None, :] < torch.from_numpy(m0).to(S.device)[:, None]
+    to_start = weight[..., :K] * (present[:, None, :] * torch.exp(L).to(q.dtype)[..., None])
+    scaled = (to_start[..., None] * q[:, :, None, :]).reshape(N, C, K * Dk)
+    o = scaled @ S.reshape(N, K * Dk, Dv)
+
+    j = torch.arange(C, device=S.device)
+    causal = j[:, None] >= j[None, :]
+    decay = torch.exp(torch.where(causal, L[:, :, None] - L[:, None, :], -torch.inf))
+    return o + (weight[..., K:] * decay.to(q.dtype) * (q @ k.mT)) @ v
+
+
+def advance_states(S, m0, k, v, L, slot_of):
+    """The states at the chunk's end from those at its start.   [N, K, Dk, Dv]
+
+        S'_g = exp(L_end) sum_{i < m0: slot_of[end, i] = g} S_i
+             + sum_{s: slot_of[end, K + s] = g} exp(L_end - L_s) k_s v_s^T
+
+    The chunk's tokens form consecutive groups of consecutive slots, G per stream:
+    one [Dk, C] x [C, G Dv] product (v spread to its group's columns) gives every
+    group's state. Chunk-start slots move only where the chunk merged one of them.
+    """
+    import torch
+
+    N, K, Dk, Dv = S.shape
+    C = k.shape[1]
+    end = L[:, -1:]
+    flat = lambda x: x.reshape(N * K, Dk, Dv)  # noqa: E731
+    offset = (torch.arange(N, device=S.device) * K)[:, None]
+    slot = torch.arange(K, device=S.device).expand(N, K)
+    present = slot < torch.from_numpy(m0).to(S.device)[:, None]
+    target = torch.where(present, slot_of[:, -1, :K], slot)  # absent slots hold zeros
+    moved = S * torch.exp(end).to(S.dtype)[:, :, None, None]
+    if bool((target != slot).any()):
+        moved = torch.zeros_like(flat(S)).index_add_(0, (offset + target).reshape(-1), flat(moved))
+
+    group = slot_of[:, -1, K:]  # [N, C], non-decreasing
+    rank = group - group[:, :1]
+    G = int(rank.max()) + 1
+    spread = torch.nn.functional.one_hot(rank, G).to(v.dtype)  # [N, C, G]
+    kw = k * torch.exp(end - L).to(k.dtype)[..., None]
+    states = kw.mT @ (spread[..., None] * v[:, :, None, :]).reshape(N, C, G * Dv)
+    states = states.reshape(N, Dk, G, Dv).permute(0, 2, 1, 3)  # [N, G, Dk, Dv]
+    groups = (group[:, :1] + torch.arange(G, device=S.device)).clamp(max=K - 1)
+    # in place on a tensor made here, which autograd has not saved; padded groups add 0
+    flat(moved).index_add_(0, (offset + groups).reshape(-1), states.reshape(N * G, Dk, Dv))
+    return moved.reshape(N, K, Dk, Dv)
