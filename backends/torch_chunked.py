@@ -117,10 +117,12 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
                                    None if forced is None else (forced[0][:, part],
                                                                 forced[1][:, part]))
         slot_of = torch.from_numpy(slot_map(made.first_item, K)).to(q.device)
-        used = torch.from_numpy(made.used).to(q.device)
-        outputs.append(chunk_outputs(S, m0, q[:, part], k[:, part], v[:, part],
-                                     lam[:, part], L, slot_of, used, slots))
-        S = advance_states(S, m0, k[:, part], v[:, part], L, slot_of)
+        present = torch.from_numpy(np.arange(K)[None, :] < m0[:, None]).to(q.device)
+        weight = item_weights(lam[:, part], torch.from_numpy(made.used).to(q.device),
+                              slot_of, slots)
+        outputs.append(chunk_outputs(S, present, q[:, part], k[:, part], v[:, part], L, weight))
+        S = advance_states(S, present, k[:, part], v[:, part], L, slot_of[:, -1, :K],
+                           slot_of[:, -1, K:])
         decisions.append(made)
 
     scores, boundary, merged = (np.concatenate([getattr(d, f) for d in decisions], axis=1)
@@ -376,16 +378,30 @@ def slot_map(first_item, K):
 # --- phase 2: apply ------------------------------------------------------------------------
 
 
-def chunk_outputs(S, m0, q, k, v, lam, L, slot_of, used, slots):
+def item_weights(lam, used, slot_of, slots):
+    """Lambda of every item for every token of the chunk.   [N, C, K + C]
+
+    weight[n, j, x] = w_j[slot_of[j, x]], w_j = slot_weights(lam_j, m_j, slots): the
+    readout weight of the slot that holds item x after token j (SPEC §3.6, both slot
+    orders). lam [N, C, K], used [N, C] (m_j), slot_of [N, C, K + C].
+    """
+    import torch
+
+    N, C, K = lam.shape
+    xp = array_api_compat.array_namespace(lam)
+    w = slot_weights(xp, lam.reshape(N * C, K), used.reshape(N * C), slots).reshape(N, C, K)
+    return torch.take_along_dim(w, slot_of.clamp(min=0, max=K - 1), dim=2)
+
+
+def chunk_outputs(S, present, q, k, v, L, weight):
     """The chunk's outputs from the states at its start and its own tokens.   [N, C, Dv]
 
-        o_j = sum_{i < m0} w_j[slot_of[j, i]] exp(L_j) q_j^T S_i
-            + sum_{s <= j} w_j[slot_of[j, K + s]] exp(L_j - L_s) (q_j . k_s) v_s
+        o_j = sum_{i present} weight[j, i] exp(L_j) q_j^T S_i
+            + sum_{s <= j} weight[j, K + s] exp(L_j - L_s) (q_j . k_s) v_s
 
-    with w_j = slot_weights(lam_j, m_j, slots) (SPEC §3.6; the slot order maps slot
-    to lambda column). S [N, K, Dk, Dv] at the chunk start, m0 [N] (host) slots in
-    use there; q, k [N, C, Dk], v [N, C, Dv], lam [N, C, K]; L [N, C] float64;
-    slot_of [N, C, K + C] and used [N, C] from the decisions.
+    S [N, K, Dk, Dv] the states at the chunk start, present [N, K] which of them hold
+    tokens; q, k [N, C, Dk], v [N, C, Dv]; L [N, C] float64, the chunk's cumulative
+    log decay; weight [N, C, K + C] the lambda of every item (``item_weights``).
     The first sum is one [C, K Dk] x [K Dk, Dv] product per stream (each query
     scaled per slot), the second the masked C x C form of chunked linear attention.
     """
@@ -393,11 +409,6 @@ def chunk_outputs(S, m0, q, k, v, lam, L, slot_of, used, slots):
 
     N, C, Dk = q.shape
     K, Dv = S.shape[1], S.shape[3]
-    xp = array_api_compat.array_namespace(lam)
-    w = slot_weights(xp, lam.reshape(N * C, K), used.reshape(N * C), slots).reshape(N, C, K)
-    weight = torch.take_along_dim(w, slot_of.clamp(min=0, max=K - 1), dim=2)  # [N, C, K + C]
-
-    present = torch.arange(K, device=S.device)[None, :] < torch.from_numpy(m0).to(S.device)[:, None]
     to_start = weight[..., :K] * (present[:, None, :] * torch.exp(L).to(q.dtype)[..., None])
     scaled = (to_start[..., None] * q[:, :, None, :]).reshape(N, C, K * Dk)
     o = scaled @ S.reshape(N, K * Dk, Dv)
@@ -408,15 +419,18 @@ def chunk_outputs(S, m0, q, k, v, lam, L, slot_of, used, slots):
     return o + (weight[..., K:] * decay.to(q.dtype) * (q @ k.mT)) @ v
 
 
-def advance_states(S, m0, k, v, L, slot_of):
+def advance_states(S, present, k, v, L, home, group):
     """The states at the chunk's end from those at its start.   [N, K, Dk, Dv]
 
-        S'_g = exp(L_end) sum_{i < m0: slot_of[end, i] = g} S_i
-             + sum_{s: slot_of[end, K + s] = g} exp(L_end - L_s) k_s v_s^T
+        S'_g = exp(L_end) sum_{i present: home[i] = g} S_i
+             + sum_{s: group[s] = g} exp(L_end - L_s) k_s v_s^T
 
-    The chunk's tokens form consecutive groups of consecutive slots, G per stream:
-    one [Dk, C] x [C, G Dv] product (v spread to its group's columns) gives every
-    group's state. Chunk-start slots move only where the chunk merged one of them.
+    S [N, K, Dk, Dv], present [N, K], k [N, C, Dk], v [N, C, Dv], L [N, C] float64;
+    home [N, K]: the slot each chunk-start state ends in; group [N, C]: the slot each
+    of the chunk's tokens ends in, non-decreasing by consecutive slots (G per
+    stream): one [Dk, C] x [C, G Dv] product (v spread to its group's columns)
+    gives every group's state. Chunk-start states move only where home differs
+    from their slot (a merge, or a Fenwick carry).
     """
     import torch
 
@@ -426,13 +440,11 @@ def advance_states(S, m0, k, v, L, slot_of):
     flat = lambda x: x.reshape(N * K, Dk, Dv)  # noqa: E731
     offset = (torch.arange(N, device=S.device) * K)[:, None]
     slot = torch.arange(K, device=S.device).expand(N, K)
-    present = slot < torch.from_numpy(m0).to(S.device)[:, None]
-    target = torch.where(present, slot_of[:, -1, :K], slot)  # absent slots hold zeros
+    target = torch.where(present, home, slot)  # absent slots hold zeros
     moved = S * torch.exp(end).to(S.dtype)[:, :, None, None]
     if bool((target != slot).any()):
         moved = torch.zeros_like(flat(S)).index_add_(0, (offset + target).reshape(-1), flat(moved))
 
-    group = slot_of[:, -1, K:]  # [N, C], non-decreasing
     rank = group - group[:, :1]
     G = int(rank.max()) + 1
     spread = torch.nn.functional.one_hot(rank, G).to(v.dtype)  # [N, C, G]
@@ -443,3 +455,71 @@ def advance_states(S, m0, k, v, L, slot_of):
     # in place on a tensor made here, which autograd has not saved; padded groups add 0
     flat(moved).index_add_(0, (offset + groups).reshape(-1), states.reshape(N * G, Dk, Dv))
     return moved.reshape(N, K, Dk, Dv)
+
+
+# --- Log-Linear Attention through the same phase 2 -----------------------------------------
+
+
+def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
+              chunk=DEFAULT_CHUNK):
+    """Log-Linear Attention (``dla_ref.loglinear``) by the same chunked products.   -> o
+
+    Shapes as in ``dla_ref.loglinear``: lam [B, T, H, L] with L >= fenwick_levels(T)
+    columns, indexed by level. Only the partition differs from DLA's (SPEC §6): the
+    Fenwick level of token s at time t is bit_length(t XOR s), so with C a power of
+    two and chunks starting at multiples of C, every token before the chunk keeps
+    the level it has at the chunk start c0 for the whole chunk (t and c0 agree on
+    the bits that decide it), and the chunk's token s is at level
+    bit_length((t - c0) XOR (s - c0)). Slots are levels; at the next chunk start
+    c1 = c0 + C a level-l block of c0 lies in level bit_length(c1 XOR (c0 >> l << l))
+    and the chunk's tokens all in level bit_length(c1 XOR c0). Here it prices the
+    Log-Linear baseline in the same backend (``dla bench``). o in the input dtype.
+    """
+    import torch
+
+    from dla_ref.fenwick import fenwick_levels, level
+
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor for torch-chunked, got {type(q).__name__}")
+    xp = array_api_compat.array_namespace(q, k, v, lam)
+    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two for Log-Linear, got {chunk!r}")
+    if backbone == "gdn":
+        raise NotImplementedError("torch-chunked covers backbone='linear' and 'mamba2'")
+    L = fenwick_levels(T)
+    if lam.shape[3] < L:
+        raise ValueError(f"lam must have at least {L} columns (levels) for T={T}, "
+                         f"got {lam.shape[3]}")
+    in_dtype = reduce(torch.promote_types, (x.dtype for x in (q, k, v, lam, log_alpha)
+                                            if x is not None))
+    dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+    N, device = B * H, q.device
+    q, k, v = (to_streams(xp, x.to(dtype)) for x in (q, k, v))
+    lam = to_streams(xp, lam[..., :L].to(dtype))
+    log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=device) if log_alpha is None
+                 else to_streams(xp, log_alpha.to(torch.float64)))
+
+    S = torch.zeros(N, L, Dk, Dv, dtype=dtype, device=device)
+    C = min(chunk, T)
+    within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)] for t in range(C)],
+                          device=device)  # [C(t), C(s)], the same in every chunk
+    outputs = []
+    for c0 in range(0, T, chunk):
+        part = slice(c0, min(c0 + chunk, T))
+        C = part.stop - c0
+        decay = torch.cumsum(log_alpha[:, part], dim=1)
+        held = torch.tensor([l >= 1 and bool(c0 >> (l - 1) & 1) for l in range(L)],
+                            device=device)  # the levels that hold the tokens before c0
+        levels = within[:C, :C].expand(N, C, C)
+        weight = torch.cat([lam[:, part] * held,
+                            torch.take_along_dim(lam[:, part], levels, dim=2)], dim=2)
+        outputs.append(chunk_outputs(S, held.expand(N, L), q[:, part], k[:, part], v[:, part],
+                                     decay, weight))
+        c1 = c0 + C
+        if c1 < T:
+            home = torch.tensor([level(c1, c0 >> l << l) for l in range(L)], device=device)
+            group = torch.full((N, C), level(c1, c0), device=device)
+            S = advance_states(S, held.expand(N, L), k[:, part], v[:, part], decay,
+                               home.expand(N, L), group)
+    return from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)

@@ -143,3 +143,25 @@ def test_gradients_match_the_reference_under_a_forced_trace():
     got = gradients(torch_chunked.dla, chunk=4)
     for name in shapes:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 4), (7, 4), (37, 8), (64, 16), (40, 1), (33, 64)])
+@pytest.mark.parametrize("backbone", ["linear", "mamba2"])
+def test_loglinear_matches_the_reference(T, chunk, backbone):
+    """The chunked Log-Linear (the bench's baseline) equals dla_ref.loglinear."""
+    rng = np.random.default_rng(T * chunk)
+    B, H, D = 2, 2, 3
+    arrays = {name: rng.standard_normal((B, T, H, D)) for name in ("q", "k", "v")}
+    arrays["lam"] = rng.random((B, T, H, dla_ref.fenwick_levels(T) + 1))
+    log_alpha = -2 * rng.random((B, T, H)) if backbone == "mamba2" else None
+    want = dla_ref.loglinear(**arrays, backbone=backbone, log_alpha=log_alpha)
+    native = {name: torch.from_numpy(x) for name, x in arrays.items()}
+    got = torch_chunked.loglinear(**native, backbone=backbone, chunk=chunk,
+                                  log_alpha=None if log_alpha is None else torch.from_numpy(log_alpha))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_loglinear_needs_a_power_of_two_chunk():
+    x = torch.zeros(1, 4, 1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="power of two"):
+        torch_chunked.loglinear(x, x, x, torch.zeros(1, 4, 1, 3, dtype=torch.float64), chunk=3)
