@@ -49,3 +49,10 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the README holds exactly two fresh-machine commands"
     assert commands[0].endswith("dla demo")
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_example_runs():
+    """The Python example in the README runs as written (its assert checks admissibility)."""
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    exec(compile(example, "README.md", "exec"), {})
