@@ -94,11 +94,12 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
     N, K = B * H, capacity
     if initial_cache is None:
         S, n, info, m = empty_cache(xp, N, K, Dk, Dv, dtype)
-        S = S.to(q.device)
     else:
         check_cache(xp, initial_cache, B, H, K, Dk, Dv)
         S, n, info, m = cache_to_streams(xp, initial_cache, dtype)
-        S = S.to(q.device)
+    S = S.to(q.device, copy=True)  # the states are updated in place where autograd allows
+    recording = torch.is_grad_enabled() and any(
+        x.requires_grad for x in inputs + ([] if initial_cache is None else [initial_cache.S]))
     carry = Carry(*(x.detach().cpu().numpy().astype(t) for x, t in
                     ((m, np.int64), (n, np.int64), (info, np.float64))))
     forced = None if trace is None else forced_trace(xp, trace, carry, B, T, H, K)
@@ -122,7 +123,7 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
                               slot_of, slots)
         outputs.append(chunk_outputs(S, present, q[:, part], k[:, part], v[:, part], L, weight))
         S = advance_states(S, present, k[:, part], v[:, part], L, slot_of[:, -1, :K],
-                           slot_of[:, -1, K:])
+                           slot_of[:, -1, K:], in_place=not recording)
         decisions.append(made)
 
     scores, boundary, merged = (np.concatenate([getattr(d, f) for d in decisions], axis=1)
@@ -419,7 +420,7 @@ def chunk_outputs(S, present, q, k, v, L, weight):
     return o + (weight[..., K:] * decay.to(q.dtype) * (q @ k.mT)) @ v
 
 
-def advance_states(S, present, k, v, L, home, group):
+def advance_states(S, present, k, v, L, home, group, in_place):
     """The states at the chunk's end from those at its start.   [N, K, Dk, Dv]
 
         S'_g = exp(L_end) sum_{i present: home[i] = g} S_i
@@ -429,21 +430,31 @@ def advance_states(S, present, k, v, L, home, group):
     home [N, K]: the slot each chunk-start state ends in; group [N, C]: the slot each
     of the chunk's tokens ends in, non-decreasing by consecutive slots (G per
     stream): one [Dk, C] x [C, G Dv] product (v spread to its group's columns)
-    gives every group's state. Chunk-start states move only where home differs
-    from their slot (a merge, or a Fenwick carry).
+    gives every group's state. Chunk-start states are moved only in the streams
+    where home differs from their slot (a merge, or a Fenwick carry).
+    in_place: overwrite S (when autograd does not need it): a pass over K states per
+    chunk instead of fresh tensors, which cost page faults on a CPU.
     """
     import torch
 
     N, K, Dk, Dv = S.shape
     C = k.shape[1]
     end = L[:, -1:]
-    flat = lambda x: x.reshape(N * K, Dk, Dv)  # noqa: E731
-    offset = (torch.arange(N, device=S.device) * K)[:, None]
+    decay = torch.exp(end).to(S.dtype)[:, :, None, None]
+    moved = S.mul_(decay) if in_place else S * decay
     slot = torch.arange(K, device=S.device).expand(N, K)
     target = torch.where(present, home, slot)  # absent slots hold zeros
-    moved = S * torch.exp(end).to(S.dtype)[:, :, None, None]
-    if bool((target != slot).any()):
-        moved = torch.zeros_like(flat(S)).index_add_(0, (offset + target).reshape(-1), flat(moved))
+    rows = torch.nonzero((target != slot).any(dim=1))[:, 0]
+    if len(rows):
+        R = len(rows)
+        into = (torch.arange(R, device=S.device)[:, None] * K + target[rows]).reshape(-1)
+        remapped = torch.zeros(R * K, Dk, Dv, dtype=S.dtype, device=S.device).index_put_(
+            (into,), moved[rows].reshape(R * K, Dk, Dv), accumulate=True)
+        remapped = remapped.reshape(R, K, Dk, Dv)
+        if in_place:
+            moved[rows] = remapped
+        else:
+            moved = moved.index_put((rows,), remapped)
 
     rank = group - group[:, :1]
     G = int(rank.max()) + 1
@@ -452,9 +463,12 @@ def advance_states(S, present, k, v, L, home, group):
     states = kw.mT @ (spread[..., None] * v[:, :, None, :]).reshape(N, C, G * Dv)
     states = states.reshape(N, Dk, G, Dv).permute(0, 2, 1, 3)  # [N, G, Dk, Dv]
     groups = (group[:, :1] + torch.arange(G, device=S.device)).clamp(max=K - 1)
-    # in place on a tensor made here, which autograd has not saved; padded groups add 0
-    flat(moved).index_add_(0, (offset + groups).reshape(-1), states.reshape(N * G, Dk, Dv))
-    return moved.reshape(N, K, Dk, Dv)
+    offset = (torch.arange(N, device=S.device) * K)[:, None]
+    # in place: on S itself, or on a tensor made here that autograd has not saved;
+    # the padded groups of streams with fewer than G add 0
+    moved.reshape(N * K, Dk, Dv).index_put_(((offset + groups).reshape(-1),),
+                                           states.reshape(N * G, Dk, Dv), accumulate=True)
+    return moved
 
 
 # --- Log-Linear Attention through the same phase 2 -----------------------------------------
@@ -501,6 +515,8 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
                  else to_streams(xp, log_alpha.to(torch.float64)))
 
     S = torch.zeros(N, L, Dk, Dv, dtype=dtype, device=device)
+    recording = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, lam, log_alpha) if x is not None)
     C = min(chunk, T)
     within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)] for t in range(C)],
                           device=device)  # [C(t), C(s)], the same in every chunk
@@ -521,5 +537,5 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
             home = torch.tensor([level(c1, c0 >> l << l) for l in range(L)], device=device)
             group = torch.full((N, C), level(c1, c0), device=device)
             S = advance_states(S, held.expand(N, L), k[:, part], v[:, part], decay,
-                               home.expand(N, L), group)
+                               home.expand(N, L), group, in_place=not recording)
     return from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
