@@ -6,7 +6,7 @@ transition is a Dk x Dk matrix per token, so the open state's norm is no longer 
 function of a Gram matrix of the chunk's tokens.
 
 The recurrent form touches all K states (K Dk Dv numbers) at every token. Here each
-stream's tokens are cut into chunks of C, and each chunk is done in two phases
+stream's tokens are cut into chunks of C, and the work is done in two phases
 (proofs/chunked_prefill.md derives every formula used here):
 
 1. decide (host, NumPy, float64). The score needs three scalars (SPEC §7):
@@ -19,23 +19,30 @@ stream's tokens are cut into chunks of C, and each chunk is done in two phases
    ||S_open||^2 follows ||S||^2 <- alpha_t^2 (||S||^2 + 2 <S, s_t> + ||s_t||^2). Between
    two boundaries nothing discrete happens, so the scores of all tokens up to the
    next boundary are computed at once; the boundary token then goes through the
-   reference's own rules (``dla_ref.step``) on (n, J).
-2. apply (device, torch). Knowing the slot of every token at every time, the chunk's
-   outputs are one [C, K Dk] x [K Dk, Dv] product against the K states at the chunk
-   start (each query weighted per slot) plus the masked C x C product of the chunk's
-   own tokens; then the states move to the chunk's end (decay, the merges of
-   chunk-start slots, the chunk's tokens added to their slots).
+   reference's own rules (``dla_ref.step``) on (n, J). The open slot only ever holds
+   the tokens since its last boundary (and perhaps an initial cache's open state), so
+   this phase carries its own open state from chunk to chunk and needs no other state.
+2. apply (device, torch). Knowing the slot of every token at every time, each chunk's
+   outputs are the masked C x C product of its own tokens (all chunks of a block at
+   once) plus one [C, K Dk] x [K Dk, Dv] product against the K states at the chunk
+   start (each query weighted per slot); then the states move to the chunk's end
+   (decay, the merges of chunk-start slots, the chunk's tokens added to their slots).
 
-Memory per stream: the K states at the current chunk boundary, O(C^2 + C K) per
-chunk, O(T K) for the trace; no T x T matrix.
+Tokens go through in blocks of about BLOCK_TOKENS (whole chunks): phase 1, then phase 2.
+Memory per stream: the K states, O(BLOCK_TOKENS (C + K)) for a block's Gram matrices and
+slot maps, O(T K) for the trace; no T x T matrix.
 
 State dtype: float64 for float64 inputs, float32 otherwise; o comes back in the input
 dtype. Decisions are computed in float64 whatever the state dtype (the expanded score
 loses half its digits where I_t is near 0). Under a forced trace the outputs and the
-final S are differentiable (phase 2 is out-of-place torch); decisions carry no gradient.
+final S are differentiable (phase 2 is torch, out of place while autograd records);
+decisions carry no gradient.
 
-Versions: v1 (this file, shipped and tested): host decisions jumping from boundary to
-boundary, per-chunk batched products on the device.
+Versions: v1: both phases per chunk, phase 1 reading the open state from phase 2's
+float32 states. v2 (this file, shipped and tested): phase 1 carries its own float64
+open state, so the token-only work (Gram matrices, intra-chunk products, slot maps,
+weights) runs batched over a block of chunks and the sequential loop of phase 2 keeps
+only the products with the states.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from dla_ref.step import (information_score_from_scalars, is_boundary, merge_adj
 from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
 
 DEFAULT_CHUNK = 64
+BLOCK_TOKENS = 1024
 npx = array_api_compat.array_namespace(np.zeros(0))  # NumPy as the reference's code expects it
 
 
@@ -102,41 +110,80 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
         x.requires_grad for x in inputs + ([] if initial_cache is None else [initial_cache.S]))
     carry = Carry(*(x.detach().cpu().numpy().astype(t) for x, t in
                     ((m, np.int64), (n, np.int64), (info, np.float64))))
+    open_now = open_state(S.detach().cpu().numpy().astype(np.float64), carry.m)
     forced = None if trace is None else forced_trace(xp, trace, carry, B, T, H, K)
 
-    q, k, v, lam = (to_streams(xp, x.to(dtype)) for x in (q, k, v, lam))
+    # contiguous streams, so that a block's chunks are views
+    q, k, v, lam = (to_streams(xp, x.to(dtype)).contiguous() for x in (q, k, v, lam))
     log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=q.device) if log_alpha is None
-                 else to_streams(xp, log_alpha.to(torch.float64)))
+                 else to_streams(xp, log_alpha.to(torch.float64)).contiguous())
 
+    page = np.tile(np.arange(K), (N, 1))  # logical slot -> physical slot of S
     outputs, decisions = [], []
-    for c0 in range(0, T, chunk):
-        part = slice(c0, min(c0 + chunk, T))
-        L = torch.cumsum(log_alpha[:, part], dim=1)  # L_t - L_{c0-1}: the chunk's log decay
-        m0 = carry.m
-        scalars = chunk_scalars(S, m0, k[:, part], v[:, part], L)
-        carry, made = decide_chunk(scalars, carry, opts, Dk * Dv,
-                                   None if forced is None else (forced[0][:, part],
-                                                                forced[1][:, part]))
-        slot_of = torch.from_numpy(slot_map(made.first_item, K)).to(q.device)
-        present = torch.from_numpy(np.arange(K)[None, :] < m0[:, None]).to(q.device)
-        weight = item_weights(lam[:, part], torch.from_numpy(made.used).to(q.device),
-                              slot_of, slots)
-        outputs.append(chunk_outputs(S, present, q[:, part], k[:, part], v[:, part], L, weight))
-        S = advance_states(S, present, k[:, part], v[:, part], L, slot_of[:, -1, :K],
-                           slot_of[:, -1, K:], in_place=not recording)
-        decisions.append(made)
+    for part, nb, C in blocks(T, chunk):
+        # the chunk-local cumulative log decay L_j = log alpha_{c0} + ... + log alpha_{c0+j}
+        L = torch.cumsum(log_alpha[:, part].reshape(N, nb, C), dim=2)
+        qc, kc, vc = (x[:, part].reshape(N, nb, C, x.shape[2]) for x in (q, k, v))
+        grams = chunk_grams(kc, vc, L)
+        k64, v64, L64 = (x.detach().to(torch.float64).cpu().numpy() for x in (kc, vc, L))
+        made = []
+        for i in range(nb):  # phase 1
+            tokens = slice(part.start + i * C, part.start + (i + 1) * C)
+            scalars = grams.scalars(i, open_now, k64[:, i], v64[:, i], L64[:, i])
+            m0 = carry.m
+            carry, decided = decide_chunk(scalars, carry, opts, Dk * Dv, None if forced is None
+                                          else (forced[0][:, tokens], forced[1][:, tokens]))
+            open_now = open_state_at_end(open_now, decided.open_first, k64[:, i], v64[:, i],
+                                         L64[:, i])
+            made.append((m0, decided))
+        decisions += [d for _, d in made]
+
+        # phase 2
+        to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(q.device)  # noqa: E731
+        slot_of = slot_map(np.concatenate([d.first_item for _, d in made], axis=1), K, C)
+        used = to_device(np.concatenate([d.used for _, d in made], axis=1))
+        weight = item_weights(lam[:, part], used, to_device(slot_of), slots)
+        weight = weight.reshape(N, nb, C, K + C)
+        ends = slot_of.reshape(N, nb, C, K + C)[:, :, -1]  # [N, nb, K + C]
+        within = intra_outputs(qc, kc, vc, L, weight[..., K:])
+        for i, (m0, _) in enumerate(made):
+            present = np.arange(K)[None, :] < m0[:, None]
+            outputs.append(within[:, i] + start_outputs(
+                S, to_device(page), to_device(present), qc[:, i], L[:, i], weight[:, i, :, :K]))
+            page, src, dst = page_moves(page, present, ends[:, i, :K])
+            S = advance_states(S, kc[:, i], vc[:, i], L[:, i], *map(to_device, (page, src, dst)),
+                               to_device(ends[:, i, K:]), in_place=not recording)
 
     scores, boundary, merged = (np.concatenate([getattr(d, f) for d in decisions], axis=1)
                                 for f in ("scores", "boundary", "merged"))
     device = q.device
     host = lambda x, t: torch.from_numpy(np.ascontiguousarray(x)).to(device, t)  # noqa: E731
     o = from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
+    S = torch.take_along_dim(S, host(page, torch.int64)[:, :, None, None], dim=1)  # logical order
     cache = Cache(S.reshape(B, H, K, Dk, Dv), host(carry.n, torch.int64).reshape(B, H, K),
                   host(carry.info, dtype).reshape(B, H, K), host(carry.m, torch.int64).reshape(B, H))
     found = Trace(from_streams(xp, host(scores, dtype), B, H),
                   from_streams(xp, host(boundary, torch.bool), B, H),
                   from_streams(xp, host(merged, torch.int64), B, H))
     return Result(o, cache, found)
+
+
+def blocks(T, chunk):
+    """(tokens, nb, C) for each block: nb whole chunks of C tokens, about BLOCK_TOKENS in
+    all; a last chunk shorter than ``chunk`` is a block of its own (nb = 1, C < chunk)."""
+    whole = T // chunk * chunk
+    per_block = max(1, BLOCK_TOKENS // chunk) * chunk
+    for b0 in range(0, whole, per_block):
+        b1 = min(b0 + per_block, whole)
+        yield slice(b0, b1), (b1 - b0) // chunk, chunk
+    if whole < T:
+        yield slice(whole, T), 1, T - whole
+
+
+def open_state(S, m):
+    """The open state S_{m-1} of each stream, 0 where m = 0.   S [N, K, Dk, Dv] -> [N, Dk, Dv]"""
+    rows = np.arange(S.shape[0])
+    return np.where((m > 0)[:, None, None], S[rows, np.maximum(m - 1, 0)], 0.0)
 
 
 def forced_trace(xp, trace, carry, B, T, H, K):
@@ -188,38 +235,66 @@ class ChunkScalars(NamedTuple):
     decay2: np.ndarray
 
 
-def chunk_scalars(S, m, k, v, L) -> ChunkScalars:
-    """The ``ChunkScalars`` of a chunk: O(C^2 (Dk + Dv) + C Dk Dv) work per stream.
+class ChunkGrams(NamedTuple):
+    """The token-only part of ``ChunkScalars`` for nb chunks (host, float64).
 
-    S [N, K, Dk, Dv] the states at the chunk start, m [N] (host) slots in use;
-    k [N, C, Dk], v [N, C, Dv]; L [N, C] float64, the chunk's cumulative log decay.
-    The open state enters as it is stored, so that its norm and its products with
-    the chunk's tokens are those of one and the same matrix.
+    token_norm, start_decay2, gram_before [N, nb, C]; gram_prefix [N, nb, C, C+1];
+    decay2 [N, nb, C, C]. ``scalars`` completes one chunk's with its open state.
+    """
+
+    token_norm: np.ndarray
+    start_decay2: np.ndarray
+    gram_prefix: np.ndarray
+    gram_before: np.ndarray
+    decay2: np.ndarray
+
+    def scalars(self, i, S0, k, v, L) -> ChunkScalars:
+        """Chunk i's scalars, its open state at the start being S0 [N, Dk, Dv].
+
+        k [N, C, Dk], v [N, C, Dv], L [N, C] of that chunk (float64).
+        """
+        start_dot = np.exp(L) * np.sum(np.matmul(k, S0) * v, axis=2)
+        return ChunkScalars(self.token_norm[:, i], np.sum(S0 * S0, axis=(1, 2)), start_dot,
+                            self.start_decay2[:, i], self.gram_prefix[:, i],
+                            self.gram_before[:, i], self.decay2[:, i])
+
+
+def chunk_grams(k, v, L) -> ChunkGrams:
+    """The ``ChunkGrams`` of nb chunks at once: O(C^2 (Dk + Dv)) per chunk and stream.
+
+    k [N, nb, C, Dk], v [N, nb, C, Dv] (any float dtype, any device), L [N, nb, C]
+    float64, each chunk's cumulative log decay. Computed in float64.
     """
     import torch
 
     f64 = torch.float64
-    k, v = k.to(f64), v.to(f64)
-    rows = torch.arange(S.shape[0], device=S.device)
-    last = torch.from_numpy(np.maximum(m - 1, 0)).to(S.device)
-    opened = torch.from_numpy(m > 0).to(S.device)[:, None, None]
-    S0 = torch.where(opened, S[rows, last].to(f64), 0.0)
-    before = torch.arange(L.shape[1], device=L.device)
-    earlier = before[None, :, None] > before[None, None, :]  # [1, C(j), C(s)]: s < j
-    decay = torch.exp(torch.where(earlier, L[:, :, None] - L[:, None, :], -torch.inf))
+    k, v = k.detach().to(f64), v.detach().to(f64)
+    L = L.detach()
+    j = torch.arange(L.shape[2], device=L.device)
+    earlier = j[:, None] > j[None, :]  # [C(j), C(s)]: s < j
+    decay = torch.exp(torch.where(earlier, L[..., :, None] - L[..., None, :], -torch.inf))
     prefix = torch.nn.functional.pad(torch.cumsum((k @ k.mT) * (v @ v.mT) * decay, dim=-1),
                                      (1, 0))
     start_decay = torch.exp(L)
-    scalars = (
-        (k * k).sum(-1) * (v * v).sum(-1),
-        (S0 * S0).sum((-2, -1)),
-        start_decay * ((k @ S0) * v).sum(-1),
-        start_decay * start_decay,
-        prefix,
-        prefix.diagonal(dim1=1, dim2=2),
-        decay * decay,
-    )
-    return ChunkScalars(*(x.detach().cpu().numpy() for x in scalars))
+    grams = ((k * k).sum(-1) * (v * v).sum(-1), start_decay * start_decay, prefix,
+             prefix.diagonal(dim1=-2, dim2=-1), decay * decay)
+    return ChunkGrams(*(x.cpu().numpy() for x in grams))
+
+
+def open_state_at_end(S0, open_first, k, v, L):
+    """The open state after the chunk's last token (Lemma 1 at its end).   [N, Dk, Dv]
+
+        [open_first < 0] exp(L_end) S0 + sum_{s >= max(open_first, 0)} exp(L_end - L_s) k_s v_s^T
+
+    S0 [N, Dk, Dv] the open state at the chunk start; open_first [N] the first chunk
+    token of the open slot at the end (-1: it still holds S0); k [N, C, Dk], v [N, C, Dv],
+    L [N, C] (float64, host).
+    """
+    C = L.shape[1]
+    held = np.where(open_first < 0, np.exp(L[:, -1]), 0.0)
+    weight = np.where(np.arange(C)[None, :] >= np.maximum(open_first, 0)[:, None],
+                      np.exp(L[:, -1:] - L), 0.0)
+    return held[:, None, None] * S0 + np.matmul((k * weight[..., None]).transpose(0, 2, 1), v)
 
 
 class ChunkDecisions(NamedTuple):
@@ -230,6 +305,8 @@ class ChunkDecisions(NamedTuple):
     first_item [N, C, K] int64: after token j, the first item of each used slot, in
         the chunk's item numbering (item i < K: chunk-start slot i; item K + s: the
         chunk's token s); K + C for an unused slot.
+    open_first [N] int64: the open slot's first chunk token after the chunk, -1 if it
+        still holds the chunk-start open state (no token of the chunk opened a slot).
     """
 
     scores: np.ndarray
@@ -237,6 +314,7 @@ class ChunkDecisions(NamedTuple):
     merged: np.ndarray
     used: np.ndarray
     first_item: np.ndarray
+    open_first: np.ndarray
 
 
 def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
@@ -315,7 +393,8 @@ def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
     used = np.stack([u for u, _ in partitions], axis=1)  # [N, R, ...]
     starts = np.stack([f for _, f in partitions], axis=1)
     made = ChunkDecisions(scores, boundary, merges, np.take_along_axis(used, which, axis=1),
-                          np.take_along_axis(starts, which[..., None], axis=1))
+                          np.take_along_axis(starts, which[..., None], axis=1),
+                          np.where(holds_start, -1, first))
     return Carry(m, n, info), made
 
 
@@ -362,16 +441,16 @@ def first_items(items, m, m0, K, C):
     return np.where(np.arange(K)[None, :] < m[:, None], numbered, K + C)
 
 
-def slot_map(first_item, K):
-    """slot_of[n, j, x]: the slot that holds item x after the chunk's token j.   [N, C, K + C]
+def slot_map(first_item, K, C):
+    """slot_of[n, j, x]: the slot that holds item x after token j.   [N, J, K + C]
 
-    first_item [N, C, K] (see ``ChunkDecisions``). An item is in the last used slot
-    that starts at or before it: mark every slot start, count the marks up to x,
-    minus one. Entries of absent items (chunk-start slots >= m0, tokens after j) are
-    meaningless; the readout masks them.
+    first_item [N, J, K] for J tokens of chunks of C (see ``ChunkDecisions``). An item
+    is in the last used slot that starts at or before it: mark every slot start,
+    count the marks up to x, minus one. Entries of absent items (chunk-start slots
+    >= m0, tokens after j) are meaningless; the readout masks them.
     """
-    N, C, _ = first_item.shape
-    marks = np.zeros((N, C, K + C + 1), dtype=np.int64)  # the last column takes unused slots
+    N, J, _ = first_item.shape
+    marks = np.zeros((N, J, K + C + 1), dtype=np.int64)  # the last column takes unused slots
     np.put_along_axis(marks, first_item, 1, axis=2)
     return np.cumsum(marks[..., :-1], axis=2) - 1
 
@@ -380,7 +459,7 @@ def slot_map(first_item, K):
 
 
 def item_weights(lam, used, slot_of, slots):
-    """Lambda of every item for every token of the chunk.   [N, C, K + C]
+    """Lambda of every item for every token of one or more chunks.   [N, C, K + C]
 
     weight[n, j, x] = w_j[slot_of[j, x]], w_j = slot_weights(lam_j, m_j, slots): the
     readout weight of the slot that holds item x after token j (SPEC §3.6, both slot
@@ -394,46 +473,92 @@ def item_weights(lam, used, slot_of, slots):
     return torch.take_along_dim(w, slot_of.clamp(min=0, max=K - 1), dim=2)
 
 
-def chunk_outputs(S, present, q, k, v, L, weight):
-    """The chunk's outputs from the states at its start and its own tokens.   [N, C, Dv]
+def intra_outputs(q, k, v, L, weight):
+    """The chunks' own tokens' part of their outputs, every chunk at once.   [N, nb, C, Dv]
 
-        o_j = sum_{i present} weight[j, i] exp(L_j) q_j^T S_i
-            + sum_{s <= j} weight[j, K + s] exp(L_j - L_s) (q_j . k_s) v_s
+        o_j += sum_{s <= j} weight[j, s] exp(L_j - L_s) (q_j . k_s) v_s
 
-    S [N, K, Dk, Dv] the states at the chunk start, present [N, K] which of them hold
-    tokens; q, k [N, C, Dk], v [N, C, Dv]; L [N, C] float64, the chunk's cumulative
-    log decay; weight [N, C, K + C] the lambda of every item (``item_weights``).
-    The first sum is one [C, K Dk] x [K Dk, Dv] product per stream (each query
-    scaled per slot), the second the masked C x C form of chunked linear attention.
+    q, k [N, nb, C, Dk], v [N, nb, C, Dv], L [N, nb, C] float64, weight [N, nb, C, C]
+    the lambda of the slot that holds token s after token j: the masked C x C form of
+    chunked linear attention.
+    """
+    import torch
+
+    j = torch.arange(q.shape[2], device=q.device)
+    causal = j[:, None] >= j[None, :]
+    decay = torch.exp(torch.where(causal, L[..., :, None] - L[..., None, :], -torch.inf))
+    return (weight * decay.to(q.dtype) * (q @ k.mT)) @ v
+
+
+def start_outputs(S, page, present, q, L, weight):
+    """One chunk's outputs from the states at its start.   [N, C, Dv]
+
+        o_j += sum_{i present} weight[j, i] exp(L_j) q_j^T S_{page[i]}
+
+    S [N, K, Dk, Dv] the states at the chunk start in physical slots, page [N, K] the
+    physical slot of each logical one, present [N, K] the logical slots in use;
+    q [N, C, Dk]; L [N, C] float64; weight [N, C, K] the lambda of the slot that holds
+    logical slot i after token j. One [C, K Dk] x [K Dk, Dv] product per stream, each
+    query scaled per (physical) slot.
     """
     import torch
 
     N, C, Dk = q.shape
     K, Dv = S.shape[1], S.shape[3]
-    to_start = weight[..., :K] * (present[:, None, :] * torch.exp(L).to(q.dtype)[..., None])
+    to_start = weight * (present[:, None, :] * torch.exp(L).to(q.dtype)[..., None])
+    to_start = torch.zeros_like(to_start).scatter(2, page[:, None, :].expand(N, C, K), to_start)
     scaled = (to_start[..., None] * q[:, :, None, :]).reshape(N, C, K * Dk)
-    o = scaled @ S.reshape(N, K * Dk, Dv)
-
-    j = torch.arange(C, device=S.device)
-    causal = j[:, None] >= j[None, :]
-    decay = torch.exp(torch.where(causal, L[:, :, None] - L[:, None, :], -torch.inf))
-    return o + (weight[..., K:] * decay.to(q.dtype) * (q @ k.mT)) @ v
+    return scaled @ S.reshape(N, K * Dk, Dv)
 
 
-def advance_states(S, present, k, v, L, home, group, in_place):
-    """The states at the chunk's end from those at its start.   [N, K, Dk, Dv]
+def page_moves(page, present, home):
+    """How a chunk moves the states between physical slots (host).   -> (page', src, dst)
 
-        S'_g = exp(L_end) sum_{i present: home[i] = g} S_i
-             + sum_{s: group[s] = g} exp(L_end - L_s) k_s v_s^T
+    The states live in physical slots, like the blocks of a paged KV cache, so that a
+    merge adds one state into another instead of shifting every later slot.
+    page [N, K]: the physical slot of each logical slot at the chunk start (a
+    permutation per stream); present [N, K]: the logical slots in use there; home [N, K]:
+    the logical slot each of them is in at the chunk's end. The chunk-start states that
+    end in one slot g are added into the physical slot of the first of them (src ->
+    dst, flat indices n K + physical slot), which becomes g's; the others are freed. An
+    end slot that holds no chunk-start state (the chunk's tokens only, or unused)
+    takes a free physical slot, in order. Returns page' [N, K] (a permutation) and
+    src, dst [M].
+    """
+    N, K = page.shape
+    rows = np.arange(N)[:, None]
+    slot = np.broadcast_to(np.arange(K)[None, :], (N, K))
+    home = np.where(present, home, K)  # absent slots end nowhere
+    keep = np.full((N, K + 1), K)  # keep[g]: the first chunk-start slot that ends in g
+    np.minimum.at(keep, (np.broadcast_to(rows, (N, K)), home), slot)
+    keep = keep[:, :K]
+    first = np.take_along_axis(keep, np.minimum(home, K - 1), axis=1)
+    moving = present & (first != slot)
+    flat = rows * K + page
+    src = flat[moving]
+    dst = np.take_along_axis(flat, np.minimum(first, K - 1), axis=1)[moving]
 
-    S [N, K, Dk, Dv], present [N, K], k [N, C, Dk], v [N, C, Dv], L [N, C] float64;
-    home [N, K]: the slot each chunk-start state ends in; group [N, C]: the slot each
-    of the chunk's tokens ends in, non-decreasing by consecutive slots (G per
-    stream): one [Dk, C] x [C, G Dv] product (v spread to its group's columns)
-    gives every group's state. Chunk-start states are moved only in the streams
-    where home differs from their slot (a merge, or a Fenwick carry).
-    in_place: overwrite S (when autograd does not need it): a pass over K states per
-    chunk instead of fresh tensors, which cost page faults on a CPU.
+    kept = keep < K
+    kept_page = np.take_along_axis(page, np.minimum(keep, K - 1), axis=1)
+    taken = np.zeros((N, K + 1), dtype=bool)
+    np.put_along_axis(taken, np.where(kept, kept_page, K), True, axis=1)
+    free = np.argsort(taken[:, :K], axis=1, kind="stable")  # free physical slots first
+    rank = np.maximum(np.cumsum(~kept, axis=1) - 1, 0)
+    return np.where(kept, kept_page, np.take_along_axis(free, rank, axis=1)), src, dst
+
+
+def advance_states(S, k, v, L, page, src, dst, group, in_place):
+    """The states at the chunk's end from those at its start, in physical slots.
+
+        S'_{page'[g]} = exp(L_end) sum_{i present: home[i] = g} S_{page[i]}
+                      + sum_{s: group[s] = g} exp(L_end - L_s) k_s v_s^T
+
+    S [N, K, Dk, Dv]; k [N, C, Dk], v [N, C, Dv], L [N, C] float64; page [N, K] = page'
+    and src, dst [M] from ``page_moves``; group [N, C]: the logical slot each of the
+    chunk's tokens ends in, non-decreasing by consecutive slots (G per stream): one
+    [Dk, C] x [C, G Dv] product (v spread to its group's columns) gives every group's
+    state. in_place: overwrite S (when autograd does not need it) instead of a fresh
+    tensor, which costs page faults on a CPU.
     """
     import torch
 
@@ -442,19 +567,11 @@ def advance_states(S, present, k, v, L, home, group, in_place):
     end = L[:, -1:]
     decay = torch.exp(end).to(S.dtype)[:, :, None, None]
     moved = S.mul_(decay) if in_place else S * decay
-    slot = torch.arange(K, device=S.device).expand(N, K)
-    target = torch.where(present, home, slot)  # absent slots hold zeros
-    rows = torch.nonzero((target != slot).any(dim=1))[:, 0]
-    if len(rows):
-        R = len(rows)
-        into = (torch.arange(R, device=S.device)[:, None] * K + target[rows]).reshape(-1)
-        remapped = torch.zeros(R * K, Dk, Dv, dtype=S.dtype, device=S.device).index_put_(
-            (into,), moved[rows].reshape(R * K, Dk, Dv), accumulate=True)
-        remapped = remapped.reshape(R, K, Dk, Dv)
-        if in_place:
-            moved[rows] = remapped
-        else:
-            moved = moved.index_put((rows,), remapped)
+    # in place from here: on S itself, or on a tensor made here that autograd has not saved
+    flat = moved.reshape(N * K, Dk, Dv)
+    if len(src):
+        flat.index_put_((dst,), flat[src], accumulate=True)
+        flat.index_fill_(0, src, 0.0)
 
     rank = group - group[:, :1]
     G = int(rank.max()) + 1
@@ -463,11 +580,9 @@ def advance_states(S, present, k, v, L, home, group, in_place):
     states = kw.mT @ (spread[..., None] * v[:, :, None, :]).reshape(N, C, G * Dv)
     states = states.reshape(N, Dk, G, Dv).permute(0, 2, 1, 3)  # [N, G, Dk, Dv]
     groups = (group[:, :1] + torch.arange(G, device=S.device)).clamp(max=K - 1)
-    offset = (torch.arange(N, device=S.device) * K)[:, None]
-    # in place: on S itself, or on a tensor made here that autograd has not saved;
+    rows = torch.arange(N, device=S.device)[:, None] * K + torch.take_along_dim(page, groups, 1)
     # the padded groups of streams with fewer than G add 0
-    moved.reshape(N * K, Dk, Dv).index_put_(((offset + groups).reshape(-1),),
-                                           states.reshape(N * G, Dk, Dv), accumulate=True)
+    flat.index_put_((rows.reshape(-1),), states.reshape(N * G, Dk, Dv), accumulate=True)
     return moved
 
 
@@ -509,33 +624,38 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
                                             if x is not None))
     dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
     N, device = B * H, q.device
-    q, k, v = (to_streams(xp, x.to(dtype)) for x in (q, k, v))
-    lam = to_streams(xp, lam[..., :L].to(dtype))
+    q, k, v = (to_streams(xp, x.to(dtype)).contiguous() for x in (q, k, v))
+    lam = to_streams(xp, lam[..., :L].to(dtype)).contiguous()
     log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=device) if log_alpha is None
-                 else to_streams(xp, log_alpha.to(torch.float64)))
+                 else to_streams(xp, log_alpha.to(torch.float64)).contiguous())
 
     S = torch.zeros(N, L, Dk, Dv, dtype=dtype, device=device)
     recording = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, lam, log_alpha) if x is not None)
-    C = min(chunk, T)
-    within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)] for t in range(C)],
-                          device=device)  # [C(t), C(s)], the same in every chunk
+    page = np.tile(np.arange(L), (N, 1))  # level -> physical slot of S
+    to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
     outputs = []
-    for c0 in range(0, T, chunk):
-        part = slice(c0, min(c0 + chunk, T))
-        C = part.stop - c0
-        decay = torch.cumsum(log_alpha[:, part], dim=1)
-        held = torch.tensor([l >= 1 and bool(c0 >> (l - 1) & 1) for l in range(L)],
-                            device=device)  # the levels that hold the tokens before c0
-        levels = within[:C, :C].expand(N, C, C)
-        weight = torch.cat([lam[:, part] * held,
-                            torch.take_along_dim(lam[:, part], levels, dim=2)], dim=2)
-        outputs.append(chunk_outputs(S, held.expand(N, L), q[:, part], k[:, part], v[:, part],
-                                     decay, weight))
-        c1 = c0 + C
-        if c1 < T:
-            home = torch.tensor([level(c1, c0 >> l << l) for l in range(L)], device=device)
-            group = torch.full((N, C), level(c1, c0), device=device)
-            S = advance_states(S, held.expand(N, L), k[:, part], v[:, part], decay,
-                               home.expand(N, L), group, in_place=not recording)
+    for part, nb, C in blocks(T, chunk):
+        qc, kc, vc, lam_c = (x[:, part].reshape(N, nb, C, x.shape[2]) for x in (q, k, v, lam))
+        decay = torch.cumsum(log_alpha[:, part].reshape(N, nb, C), dim=2)
+        within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)]
+                               for t in range(C)], device=device)  # [C(t), C(s)]
+        own = intra_outputs(qc, kc, vc, decay,
+                            torch.take_along_dim(lam_c, within.expand(N, nb, C, C), dim=3))
+        for i in range(nb):
+            c0 = part.start + i * C
+            # the levels that hold the tokens before c0
+            held = np.array([l >= 1 and bool(c0 >> (l - 1) & 1) for l in range(L)])
+            present = torch.from_numpy(held).to(device)
+            outputs.append(own[:, i] + start_outputs(S, to_device(page), present.expand(N, L),
+                                                     qc[:, i], decay[:, i], lam_c[:, i] * present))
+            c1 = c0 + C
+            if c1 < T:
+                home = np.array([level(c1, c0 >> l << l) for l in range(L)])
+                page, src, dst = page_moves(page, np.broadcast_to(held, (N, L)),
+                                            np.broadcast_to(home, (N, L)))
+                group = torch.full((N, C), level(c1, c0), device=device)
+                S = advance_states(S, kc[:, i], vc[:, i], decay[:, i],
+                                   *map(to_device, (page, src, dst)), group,
+                                   in_place=not recording)
     return from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)

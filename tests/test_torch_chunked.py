@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dla_ref
-from dla_backends.testing import Candidate, CaseSpec, build_case, case_specs, check_case
+from dla_backends.testing import Candidate, Case, CaseSpec, build_case, case_specs, check_case
 
 torch = pytest.importorskip("torch", reason="torch-chunked needs torch")
 from dla_backends import torch_chunked  # noqa: E402
@@ -67,14 +67,15 @@ def piecewise_stream(seed, B=1, T=160, H=2, D=6, segment=12, K=5):
     return dict(q=rng.standard_normal((B, T, H, D)), k=k, v=v, lam=rng.random((B, T, H, K)))
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 50])
+@pytest.mark.parametrize("chunk, block", [(7, 1024), (16, 1024), (50, 1024), (7, 21), (4, 8)])
 @pytest.mark.parametrize("backbone", ["linear", "mamba2"])
-def test_long_streams_straddle_chunks(chunk, backbone):
-    """Open slots span several chunks and the cache overflows (merges) mid-chunk."""
+def test_long_streams_straddle_chunks(chunk, block, backbone, monkeypatch):
+    """Open slots span several chunks (and blocks of chunks: BLOCK_TOKENS) and the cache
+    overflows (merges) mid-chunk."""
+    monkeypatch.setattr(torch_chunked, "BLOCK_TOKENS", block)
     rng = np.random.default_rng(chunk)
     arrays = piecewise_stream(chunk)
     log_alpha = -0.1 * rng.random(arrays["q"].shape[:3]) if backbone == "mamba2" else None
-    from dla_backends.testing import Case
 
     case = Case(**arrays, log_alpha=log_alpha,
                 options=dict(backbone=backbone, tau=0.6, capacity=5, score="token",
@@ -147,8 +148,9 @@ def test_gradients_match_the_reference_under_a_forced_trace():
 
 @pytest.mark.parametrize("T, chunk", [(1, 4), (7, 4), (37, 8), (64, 16), (40, 1), (33, 64)])
 @pytest.mark.parametrize("backbone", ["linear", "mamba2"])
-def test_loglinear_matches_the_reference(T, chunk, backbone):
+def test_loglinear_matches_the_reference(T, chunk, backbone, monkeypatch):
     """The chunked Log-Linear (the bench's baseline) equals dla_ref.loglinear."""
+    monkeypatch.setattr(torch_chunked, "BLOCK_TOKENS", 2 * chunk)  # several blocks
     rng = np.random.default_rng(T * chunk)
     B, H, D = 2, 2, 3
     arrays = {name: rng.standard_normal((B, T, H, D)) for name in ("q", "k", "v")}
@@ -165,3 +167,15 @@ def test_loglinear_needs_a_power_of_two_chunk():
     x = torch.zeros(1, 4, 1, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="power of two"):
         torch_chunked.loglinear(x, x, x, torch.zeros(1, 4, 1, 3, dtype=torch.float64), chunk=3)
+
+
+def test_the_initial_cache_is_not_written():
+    """The states are advanced in place: on a copy, never on the caller's cache."""
+    case = build_case(CaseSpec(split=5, T=9, capacity=3, tau=0.3, backbone="mamba2"))
+    native = chunked(2).load
+    arrays = {name: None if getattr(case, name) is None else torch.from_numpy(getattr(case, name))
+              for name in ("q", "k", "v", "lam", "log_alpha")}
+    cache = dla_ref.Cache(*(torch.from_numpy(x.copy()) for x in case.initial_cache))
+    native()(**arrays, **case.options, initial_cache=cache)
+    for got, want in zip(cache, case.initial_cache):
+        assert np.array_equal(got.numpy(), want)
