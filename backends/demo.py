@@ -166,7 +166,8 @@ def print_table(rows, stream, dla_result, args):
     print(header)
     print("-" * len(header))
     for name, states, p, r, nr, bound in rows:
-        print(f"{name:<10} {states:>6} {p:>6.2f} {r:>6.2f} {nr:>8.2f} {bound:>10.2f}")
+        precision = "-" if math.isnan(p) else f"{p:.2f}"  # no block start, nothing to score
+        print(f"{name:<10} {states:>6} {precision:>6} {r:>6.2f} {nr:>8.2f} {bound:>10.2f}")
     print(f"\nP/R: block starts of the final partition vs true change points (+-{args.window} "
           "tokens); needles: best single slot recovers the needle's value (cos > 0.9);\n"
           "bound: Theorem 3.1 for the final partition with ||q|| = 1.")
