@@ -23,7 +23,8 @@ For each backend and workload, in order:
 1. check: the first ``--check-tokens`` tokens go through dla_backends.testing.check_case
    (the trace is admissible and, under it, outputs and cache match the reference
    within the tolerance of the backend's state dtype). A backend that fails is not timed.
-2. time: the median of ``--repeat`` calls after a warm-up. A backend whose projected
+2. time: the least of ``--repeat`` calls after a warm-up (other work on a shared
+   machine only adds time). A backend whose projected
    time exceeds ``--budget`` seconds is timed on fewer tokens and reported per token
    (the note says on how many); so is the reference, always (``--reference-tokens``).
 
@@ -35,7 +36,7 @@ Figures, all from this run:
               lambda column) through the same backend: the price of K states
     DLA/LL    seconds of DLA over Log-Linear Attention at the same T: the backend
               module's own ``loglinear`` if it has one, else dla_ref.loglinear run on the
-              backend's array namespace and device (the column "LL form" says which)
+              backend's array namespace and device (the notes say which)
     matmul    prefill: essential flops / seconds / this machine's matmul flop rate,
               measured here (torch.matmul, float32, 2048^3 on a CPU, 8192^3 on a GPU).
               Essential flops per stream: 2 T K Dk Dv (the readout of K states) plus
@@ -54,7 +55,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -291,14 +291,17 @@ def check(target: Target, w: Workload, arrays: dict) -> float:
 
 
 def seconds(call, sync, repeat: int) -> float:
-    """Median wall time of ``repeat`` calls, each waited for on the device."""
+    """The least wall time of ``repeat`` calls, each waited for on the device.
+
+    The minimum, not the mean: on a shared machine other work only ever adds time.
+    """
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         call()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 class Timer:
@@ -442,7 +445,7 @@ def add_arguments(parser):
     parser.add_argument("--reference-tokens", type=int, default=None,
                         help="tokens the reference is timed on (default 128; quick 32)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="timed calls per figure, median reported (default 3; quick 1)")
+                        help="timed calls per figure, the least reported (default 3; quick 1)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds one figure may take before it is timed on fewer "
                              "tokens (default 60; quick 20)")
@@ -465,6 +468,7 @@ def run(args) -> int:
     chosen = targets(names, device)
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
 
+    load_before = os.getloadavg()  # other work on the machine skews timings: recorded
     say(f"dla bench: measuring float32 matmul throughput on {device}")
     matmul = matmul_rate(device)
     rows = []
@@ -492,7 +496,7 @@ def run(args) -> int:
                                 reference_tokens=args.reference_tokens, repeat=args.repeat,
                                 budget_s=args.budget, seed=args.seed, tokens=args.tokens),
                   results=rows)
-    report["machine"]["load_average_after"] = os.getloadavg()  # other work skews timings
+    report["machine"].update(load_average_before=load_before, load_average_after=os.getloadavg())
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=float)
     print(table(rows, report))
@@ -521,7 +525,7 @@ def add_reference_ratios(rows) -> None:
 def machine(device: str) -> dict:
     """What ran the benchmark."""
     info = dict(platform=platform.platform(), python=platform.python_version(),
-                cpus=os.cpu_count(), cpu=cpu_model(), load_average=os.getloadavg())
+                cpus=os.cpu_count(), cpu=cpu_model())
     try:
         import torch
 
