@@ -49,6 +49,7 @@ def test_quick_bench_writes_the_json(tmp_path):
             assert 0 <= row["check_budget_share"] <= 1
         if workload == "decode":
             assert row["decode_GBps"] > 0 and row["merge_overhead"] > -1
+            assert row["merge_overhead_worst"] > -1
         else:
             assert row["DLA_over_loglinear"] > 0 and row["matmul_fraction"] > 0
             assert row["loglinear_form"]
