@@ -247,8 +247,9 @@ def native(arrays: dict, target: Target) -> dict:
 
     from .testing import to_native
 
-    convert = lambda x: None if x is None else to_native(x, target.namespace, target.device,  # noqa: E731
-                                                         "float32")
+    def convert(x):
+        return None if x is None else to_native(x, target.namespace, target.device, "float32")
+
     out = {name: convert(x) for name, x in arrays.items() if name != "initial_cache"}
     if arrays.get("initial_cache") is not None:
         out["initial_cache"] = dla_ref.Cache(*(convert(x) for x in arrays["initial_cache"]))
@@ -426,7 +427,7 @@ def bench_one(target: Target, name: str, w: Workload, T: int, args, arrays, cach
     return row
 
 
-# --- the command -----------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------
 
 
 def add_arguments(parser):
@@ -490,7 +491,8 @@ def run(args) -> int:
         rows.append(row)
     add_reference_ratios(rows)
 
-    report = dict(command=" ".join(sys.argv), quick=quick, machine=machine(device), versions=versions(),
+    report = dict(command=" ".join(sys.argv), quick=quick, machine=machine(device),
+                  versions=versions(),
                   device=device, dtype="float32", matmul_GFLOPs=matmul / 1e9, tau=TAU,
                   essential_chunk=ESSENTIAL_CHUNK,
                   inputs="piecewise stationary (see dla_backends.bench)",
@@ -587,6 +589,7 @@ def table(rows, report) -> str:
                       (r["status"] + ": " if r["status"] != "ok" else "") + notes[:90]))
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c)
               for i, c in enumerate(columns)]
-    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    def render(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([head, render(columns), render(["-" * w for w in widths])]
                      + [render(line) for line in lines])

@@ -161,7 +161,8 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
     o = from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
     S = torch.take_along_dim(S, host(page, torch.int64)[:, :, None, None], dim=1)  # logical order
     cache = Cache(S.reshape(B, H, K, Dk, Dv), host(carry.n, torch.int64).reshape(B, H, K),
-                  host(carry.info, dtype).reshape(B, H, K), host(carry.m, torch.int64).reshape(B, H))
+                  host(carry.info, dtype).reshape(B, H, K),
+                  host(carry.m, torch.int64).reshape(B, H))
     found = Trace(from_streams(xp, host(scores, dtype), B, H),
                   from_streams(xp, host(boundary, torch.bool), B, H),
                   from_streams(xp, host(merged, torch.int64), B, H))

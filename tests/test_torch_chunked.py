@@ -62,8 +62,9 @@ def piecewise_stream(seed, B=1, T=160, H=2, D=6, segment=12, K=5):
     rng = np.random.default_rng(seed)
     cuts = np.cumsum(rng.integers(segment // 2, 2 * segment, size=T))
     seg = np.searchsorted(cuts, np.arange(T), side="right")
-    k = rng.standard_normal((B, T, H, D)) * 0.1 + rng.standard_normal((B, seg.max() + 1, H, D))[:, seg]
-    v = rng.standard_normal((B, T, H, D)) * 0.1 + rng.standard_normal((B, seg.max() + 1, H, D))[:, seg]
+    directions = lambda: rng.standard_normal((B, seg.max() + 1, H, D))[:, seg]  # noqa: E731
+    k = rng.standard_normal((B, T, H, D)) * 0.1 + directions()
+    v = rng.standard_normal((B, T, H, D)) * 0.1 + directions()
     return dict(q=rng.standard_normal((B, T, H, D)), k=k, v=v, lam=rng.random((B, T, H, K)))
 
 
@@ -158,8 +159,8 @@ def test_loglinear_matches_the_reference(T, chunk, backbone, monkeypatch):
     log_alpha = -2 * rng.random((B, T, H)) if backbone == "mamba2" else None
     want = dla_ref.loglinear(**arrays, backbone=backbone, log_alpha=log_alpha)
     native = {name: torch.from_numpy(x) for name, x in arrays.items()}
-    got = torch_chunked.loglinear(**native, backbone=backbone, chunk=chunk,
-                                  log_alpha=None if log_alpha is None else torch.from_numpy(log_alpha))
+    decay = None if log_alpha is None else torch.from_numpy(log_alpha)
+    got = torch_chunked.loglinear(**native, backbone=backbone, chunk=chunk, log_alpha=decay)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
 
 
