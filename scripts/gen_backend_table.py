@@ -32,7 +32,8 @@ runs the first *available* implementation preferred for that namespace and devic
 and otherwise the reference; `backend="name"` picks one (an error if it cannot take
 the arrays or cannot run here). Every implementation is differential-tested against
 the reference (see [testing-your-kernel.md](testing-your-kernel.md)); `state dtype` is
-the dtype it keeps the cache in, which sets its tolerance ("input" = the input's dtype).
+the dtype it keeps the cache in, which sets its tolerance ("input" = the input's dtype,
+float32 for float16 and bfloat16 inputs).
 
 """
 
