@@ -38,7 +38,7 @@ from array_api_compat import array_namespace
 
 from dla_ref.parallel import partition_history
 from dla_ref.records import Result, Trace
-from dla_ref.recurrent import cache_from_streams, from_streams, prepare, to_streams
+from dla_ref.recurrent import cache_from_streams, from_streams, prepare, trace_to_streams
 from dla_ref.validation import check_options, check_trace_shape
 
 BLOCK = 1024  # threads per block; dla_scan.cu is compiled with -DDLA_BLOCK=BLOCK (cupy_kernels)
@@ -108,8 +108,7 @@ def forced_decisions(xp, trace, B, T, H, opts, cache):
     which raises the reference's ValueError for a trace that does not fit the cache.
     """
     check_trace_shape(xp, trace, B, T, H)
-    boundary = to_streams(xp, trace.boundary)
-    merged = to_streams(xp, xp.astype(trace.merged, xp.int64))
+    boundary, merged = trace_to_streams(xp, trace)
     _, n, _, m = cache
     host_b = host(boundary)
     partition_history(array_namespace(host_b), host_b, host(merged), opts.capacity,

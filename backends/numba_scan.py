@@ -51,7 +51,7 @@ from numba import njit, prange
 
 from dla_ref.parallel import partition_history
 from dla_ref.records import Result, Trace
-from dla_ref.recurrent import cache_from_streams, from_streams, prepare, to_streams
+from dla_ref.recurrent import cache_from_streams, from_streams, prepare, trace_to_streams
 from dla_ref.validation import check_options, check_trace_shape
 
 LINEAR, MAMBA2, GDN = 0, 1, 2
@@ -85,8 +85,7 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
         boundary, merged = np.zeros((N, T), np.bool_), np.full((N, T), -1, np.int64)
     else:
         check_trace_shape(xp, trace, B, T, H)
-        boundary = np.array(to_streams(xp, trace.boundary), order="C")
-        merged = np.array(to_streams(xp, xp.astype(trace.merged, xp.int64)), order="C")
+        boundary, merged = (np.array(x, order="C") for x in trace_to_streams(xp, trace))
         partition_history(xp, boundary, merged, K, n=n, m=m)  # raises if it does not fit
 
     o = np.empty((N, T, v.shape[2]), dtype)

@@ -12,7 +12,7 @@ level: o_t = sum_l lambda_t[l] q_t^T S_l. Positions count from the stream's star
 from __future__ import annotations
 
 from ._xp import array_namespace, compute_dtype, device
-from .recurrent import from_streams, to_streams
+from .recurrent import from_streams, tokens_to_streams
 from .step import contribution, readout, transition
 from .validation import check_inputs, check_options
 
@@ -52,9 +52,7 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, dty
         raise ValueError(f"lam must have at least {fenwick_levels(T)} columns (levels) "
                          f"for T={T}, got {L}")
     ftype = compute_dtype(xp, dtype)
-    q, k, v, lam = (to_streams(xp, xp.astype(x, ftype)) for x in (q, k, v, lam))
-    alpha = None if log_alpha is None else xp.exp(to_streams(xp, xp.astype(log_alpha, ftype)))
-    beta = None if beta is None else to_streams(xp, xp.astype(beta, ftype))
+    q, k, v, lam, alpha, beta = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
 
     N = q.shape[0]
     S = xp.zeros((N, L, Dk, Dv), dtype=ftype, device=device(q))

@@ -11,7 +11,7 @@ agreement between the two checks both.
 from __future__ import annotations
 
 from ._xp import array_namespace, compute_dtype, device
-from .recurrent import forced_decision, from_streams, to_streams
+from .recurrent import forced_decision, from_streams, tokens_to_streams, trace_to_streams
 from .step import merge_adjacent, slot_weights, write_token
 from .validation import check_inputs, check_options, check_trace_shape
 
@@ -30,12 +30,9 @@ def materialized(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta
                                  lam_columns=capacity)
     check_trace_shape(xp, trace, B, T, H)
     ftype = compute_dtype(xp, dtype)
-    q, k, v, lam = (to_streams(xp, xp.astype(x, ftype)) for x in (q, k, v, lam))
-    alpha = None if log_alpha is None else xp.exp(to_streams(xp, xp.astype(log_alpha, ftype)))
-    beta = None if beta is None else to_streams(xp, xp.astype(beta, ftype))
+    q, k, v, lam, alpha, beta = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
 
-    counts, m = partition_history(xp, to_streams(xp, trace.boundary),
-                                  to_streams(xp, xp.astype(trace.merged, xp.int64)), capacity)
+    counts, m = partition_history(xp, *trace_to_streams(xp, trace), capacity)
     weights = readout_mask(xp, counts, m, lam, slots)
     o = masked_form(xp, q, k, v, weights, alpha, beta, backbone)
     return from_streams(xp, o, B, H)
@@ -128,8 +125,7 @@ def slot_starts(trace, capacity):
     xp = array_namespace(trace.boundary)
     B, T, H = trace.boundary.shape
     check_trace_shape(xp, trace, B, T, H)
-    counts, m = partition_history(xp, to_streams(xp, trace.boundary),
-                                  to_streams(xp, xp.astype(trace.merged, xp.int64)), capacity)
+    counts, m = partition_history(xp, *trace_to_streams(xp, trace), capacity)
     starts = xp.cumulative_sum(counts, axis=2) - counts
     used = xp.arange(capacity, device=device(m))[None, None, :] < m[:, :, None]
     return from_streams(xp, xp.where(used, starts, xp.full_like(starts, -1)), B, H)

@@ -102,18 +102,31 @@ def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
     else:
         check_cache(xp, initial_cache, B, H, opts.capacity, Dk, Dv)
         cache = cache_to_streams(xp, initial_cache, ftype)
+    tokens = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
+    return xp, (B, T, H), tokens, cache
+
+
+def tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta):
+    """(q, k, v, lam, alpha, beta) as [N, T, ...] arrays of dtype ``ftype``.
+
+    alpha = exp(log_alpha); log_alpha and beta stay None where the backbone has none.
+    """
     tokens = [None if x is None else to_streams(xp, xp.astype(x, ftype))
               for x in (q, k, v, lam, log_alpha, beta)]
     if tokens[4] is not None:
         tokens[4] = xp.exp(tokens[4])
-    return xp, (B, T, H), tuple(tokens), cache
+    return tuple(tokens)
+
+
+def trace_to_streams(xp, trace):
+    """A Trace's decisions as streams: (boundary [N, T] bool, merged [N, T] int64)."""
+    return to_streams(xp, trace.boundary), to_streams(xp, xp.astype(trace.merged, xp.int64))
 
 
 def replay(xp, trace, B, T, H, opts):
     """decide_at(t) for a forced trace: its decisions at token t, checked to fit."""
     check_trace_shape(xp, trace, B, T, H)
-    forced_b = to_streams(xp, trace.boundary)
-    forced_j = to_streams(xp, xp.astype(trace.merged, xp.int64))
+    forced_b, forced_j = trace_to_streams(xp, trace)
     return lambda t: forced_decision(xp, forced_b[:, t], forced_j[:, t], t, opts)
 
 
