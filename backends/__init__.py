@@ -68,22 +68,22 @@ register("dla", Implementation(
     ALL_FLOATS, "dla_ref:dla", state_dtype="float64"))
 register("dla", Implementation(
     "numba", ("numpy",), ("cpu",), ("float32", "float64"),
-    "dla_backends.numba_scan:dla", package_available("numba")))
+    "dla_backends.kernels.numba_scan:dla", package_available("numba")))
 register("dla", Implementation(
     "torch", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
-    "dla_backends.torch_scan:dla", _torch_device_available("cpu")))
+    "dla_backends.kernels.torch_scan:dla", _torch_device_available("cpu")))
 register("dla", Implementation(
     "torch-chunked", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
-    "dla_backends.torch_chunked:dla", _torch_device_available("cpu")))
+    "dla_backends.kernels.torch_chunked:dla", _torch_device_available("cpu")))
 register("dla", Implementation(
     "triton", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
-    "dla_backends.triton_kernels:dla", _triton_available, state_dtype="float32"))
+    "dla_backends.kernels.triton_kernels:dla", _triton_available, state_dtype="float32"))
 register("dla", Implementation(
     "cuda-model", ("numpy",), ("cpu",), ("float32", "float64"),
-    "dla_backends.cuda_model:dla"))
+    "dla_backends.kernels.cuda_model:dla"))
 register("dla", Implementation(
     "cupy", ("cupy",), ("cuda",), ("float32", "float64"),
-    "dla_backends.cupy_kernels:dla", _cupy_available, state_dtype="float32"))
+    "dla_backends.kernels.cupy_kernels:dla", _cupy_available, state_dtype="float32"))
 
 # Which native implementation ``dla`` prefers, per (namespace, device).
 PREFERENCE = {

@@ -9,7 +9,7 @@ cumulative log decay. Then (Lemma 1) before token j is written the open state is
 slot, a_j the last one that did); hence (Lemma 2) every score follows from the
 chunk's decayed Gram matrix, k_j^T S_0 v_j and ||S_0||^2, boundary to boundary; and
 (Lemmas 3, 4) the outputs and the next chunk's states follow from the partition by
-matrix products. ``dla_backends.torch_chunked`` is that algorithm: in float64 its
+matrix products. ``dla_backends.kernels.torch_chunked`` is that algorithm: in float64 its
 trace, outputs and cache are the reference's.
 
 Derivation: chunked_prefill.md.
@@ -29,7 +29,7 @@ from dla_ref.validation import check_options
 from ._cases import TOL, counterexample, dla_inputs, prefix, relative_error
 
 torch = pytest.importorskip("torch", reason="the chunked prefill is written in torch")
-from dla_backends import torch_chunked  # noqa: E402
+from dla_backends.kernels import torch_chunked  # noqa: E402
 from dla_backends.testing import Case, decision_margins  # noqa: E402
 
 BACKBONES = ("linear", "mamba2")

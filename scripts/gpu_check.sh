@@ -146,8 +146,8 @@ done
 pytest_part "triton and torch backend tests" 60 triton@cuda,torch@cuda,torch-chunked@cuda \
   tests/test_triton_backend.py tests/test_torch_backend.py
 
-if [ ! -f backends/bench.py ]; then
-  record "bench: skipped (backends/bench.py does not exist yet)"
+if [ ! -f backends/cli/bench.py ]; then
+  record "bench: skipped (backends/cli/bench.py does not exist yet)"
 elif [ "$DRY_RUN" = 1 ]; then
   say "would run [bench], at most 60s: python3 -m dla_backends bench [--quick] [--json $OUT/bench.json] (the options its --help lists)"
 else

@@ -1,4 +1,4 @@
-"""Time the CuPy kernel (backends/cuda/dla_scan.cu) at several block sizes, each checked first.
+"""Time the CuPy kernel (backends/kernels/cuda/dla_scan.cu) at several block sizes, each checked first.
 
 A development tool for choosing DLA_BLOCK (the shipped value is cuda_model.BLOCK), in
 the llm.c dev/cuda manner: every variant is validated against dla_ref on a paper-sized
@@ -23,7 +23,7 @@ import cupy
 import numpy as np
 
 import dla_ref
-from dla_backends import cuda_model, cupy_kernels
+from dla_backends.kernels import cuda_model, cupy_kernels
 from dla_backends.testing import assert_matches_reference
 
 

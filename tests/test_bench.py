@@ -54,4 +54,4 @@ def test_quick_bench_writes_the_json(tmp_path):
             assert row["DLA_over_loglinear"] > 0 and row["matmul_fraction"] > 0
             assert row["loglinear_form"]
     assert rows["torch-chunked", "prefill-mamba2"]["loglinear_form"] == \
-        "dla_backends.torch_chunked.loglinear"
+        "dla_backends.kernels.torch_chunked.loglinear"

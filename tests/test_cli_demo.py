@@ -25,7 +25,7 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path):
 
 
 def test_demo_stream_has_its_change_points_and_needles():
-    from dla_backends.demo import synthetic_stream
+    from dla_backends.cli.demo import synthetic_stream
 
     s = synthetic_stream(T=512, D=8, segments=5, needles=3, seed=3)
     assert len(s.change_points) == 4 and len(s.needles) == 3

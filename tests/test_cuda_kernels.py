@@ -1,13 +1,13 @@
 """The CUDA backend: its sources compile, its NumPy model agrees with the reference, and
 on a GPU the kernel itself does.
 
-(a) every backends/cuda/*.cu compiles with nvcc for sm_90, all warnings errors
+(a) every backends/kernels/cuda/*.cu compiles with nvcc for sm_90, all warnings errors
     (skipped where nvcc is missing);
-(b) the model of the kernel's index math (dla_backends.cuda_model) on the regimes of its
+(b) the model of the kernel's index math (dla_backends.kernels.cuda_model) on the regimes of its
     decomposition: more row groups than rows, a block that Dv does not divide, threads
     owning several rows, several columns (Dv > BLOCK), idle threads; and on the rules a
     decomposition can break (ties, forced traces, initial caches, decode = prefill);
-(c) the CuPy kernel (dla_backends.cupy_kernels) against dla_ref and against the model,
+(c) the CuPy kernel (dla_backends.kernels.cupy_kernels) against dla_ref and against the model,
     skipped with the reason where CuPy or a CUDA device is missing.
 
 Values are judged by dla_backends.testing (both layers of SPEC §4 and its tolerance
@@ -29,11 +29,11 @@ import pytest
 
 import dla_backends
 import dla_ref
-from dla_backends import cuda_model
+from dla_backends.kernels import cuda_model
 from dla_backends.testing import assert_matches_reference, to_native, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_SOURCES = sorted((Path(dla_backends.__file__).parent / "cuda").glob("*.cu"))
+CUDA_SOURCES = sorted((Path(dla_backends.__file__).parent / "kernels" / "cuda").glob("*.cu"))
 
 # (Dk, Dv) -> what it exercises, for any power-of-two BLOCK (C = min(Dv, BLOCK) column
 # lanes, G = BLOCK // C row groups); the values in brackets are for BLOCK = 1024.
@@ -87,7 +87,7 @@ def test_source_compiles_for_sm90_without_warnings(source, tmp_path):
 
 
 def test_there_are_sources():
-    assert CUDA_SOURCES, "no backends/cuda/*.cu found"
+    assert CUDA_SOURCES, "no backends/kernels/cuda/*.cu found"
 
 
 def test_gpu_check_dry_run_lists_its_parts_and_runs_none(tmp_path):
@@ -228,7 +228,7 @@ def test_model_decode_steps_continue_the_prefill():
 
 
 def test_importing_the_backends_does_not_import_cupy():
-    code = ("import sys, dla_backends, dla_backends.cupy_kernels, dla_backends.cuda_model; "
+    code = ("import sys, dla_backends, dla_backends.kernels.cupy_kernels, dla_backends.kernels.cuda_model; "
             "sys.exit('cupy' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
@@ -241,7 +241,7 @@ needs_gpu = pytest.mark.skipif(not CUPY_OK, reason=f"cupy backend unavailable: {
 
 def cupy_float64_state(q, k, v, lam, **options):
     """The kernel instantiated for a float64 state: the index math at float64 tolerance."""
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     return cuda_model.run(cupy_kernels.launch, q, k, v, lam, state_dtype="float64", **options)
 
@@ -254,7 +254,7 @@ def on_gpu(args, dtype):
 @pytest.mark.parametrize("backbone", dla_ref.BACKBONES)
 @pytest.mark.parametrize("Dk, Dv", list(REGIMES), ids=list(REGIMES.values()))
 def test_kernel_matches_reference(Dk, Dv, backbone):
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     K = 3
     args = inputs(np.random.default_rng(Dk * 1000 + Dv), 2, 10, 2, Dk, Dv, K, backbone)
@@ -270,7 +270,7 @@ def test_kernel_matches_reference(Dk, Dv, backbone):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("slots", dla_ref.SLOT_ORDERS)
 def test_kernel_options(score, normalize, slots):
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     args = inputs(np.random.default_rng(7), 2, 16, 2, 6, 5, 4, "gdn")
     assert_matches_reference(cupy_kernels.dla, **on_gpu(args, "float32"), state_dtype="float32",
@@ -282,7 +282,7 @@ def test_kernel_options(score, normalize, slots):
 @pytest.mark.parametrize("backbone", dla_ref.BACKBONES)
 def test_kernel_at_the_paper_size(backbone):
     """Dk = Dv = 64, K = 30 (the paper's): 16 entries per thread, the cache fills and merges."""
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     args = inputs(np.random.default_rng(1), 1, 48, 2, 64, 64, 30, backbone, segments=40)
     assert_matches_reference(cupy_kernels.dla, **on_gpu(args, "float32"), state_dtype="float32",
@@ -293,7 +293,7 @@ def test_kernel_at_the_paper_size(backbone):
 @pytest.mark.parametrize("Dk, Dv", list(REGIMES), ids=list(REGIMES.values()))
 def test_kernel_agrees_with_its_model(Dk, Dv):
     """Under one trace, the kernel and its model differ by rounding only (FMA)."""
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     args = inputs(np.random.default_rng(Dk + Dv), 2, 10, 2, Dk, Dv, 3, "gdn")
     options = dict(backbone="gdn", capacity=3, tau=0.6)
@@ -309,7 +309,7 @@ def test_kernel_agrees_with_its_model(Dk, Dv):
 
 @needs_gpu
 def test_kernel_decode_steps_continue_the_prefill():
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     args = on_gpu(inputs(np.random.default_rng(4), 2, 12, 2, 8, 8, 3, "mamba2"), "float32")
     options = dict(backbone="mamba2", capacity=3, tau=0.5)
@@ -329,7 +329,7 @@ def test_kernel_decode_steps_continue_the_prefill():
 
 @needs_gpu
 def test_kernel_rejects_a_trace_that_does_not_fit_like_the_reference():
-    from dla_backends import cupy_kernels
+    from dla_backends.kernels import cupy_kernels
 
     args = inputs(np.random.default_rng(2), 1, 5, 1, 3, 3, 2, "linear")
     trace = dla_ref.Trace(np.zeros((1, 5, 1)), np.ones((1, 5, 1), bool),

@@ -110,8 +110,8 @@ def test_dla_forwards_arrays_and_options_to_the_selected_implementation(monkeypa
 def test_importing_the_package_loads_no_optional_package():
     """dla_backends (and its testing, check and golden modules) import only numpy,
     array-api-compat and dla_ref: accelerators and test tools load when used."""
-    code = ("import sys, dla_backends, dla_backends.testing, dla_backends.check, "
-            "dla_backends.golden\n"
+    code = ("import sys, dla_backends, dla_backends.testing, dla_backends.cli.check, "
+            "dla_backends.testing.golden\n"
             "heavy = ('torch', 'numba', 'triton', 'cupy', 'hypothesis', 'pytest', "
             "'array_api_strict')\n"
             "print(sorted(m for m in heavy if m in sys.modules))")

@@ -54,7 +54,8 @@ def missing_files(page):
 def undefined_names(page):
     """`name` links to a .py file that defines no function, class or constant `name`.
 
-    A link whose name is the module itself (`dla_backends.testing` -> testing.py) is fine.
+    A link whose name is the module itself (`dla_backends.testing` -> testing/__init__.py) is
+    fine.
     """
     undefined = []
     for text, path in relative_links(page):
@@ -62,7 +63,7 @@ def undefined_names(page):
         if not named or path.suffix != ".py" or named.group(1).endswith(".py"):
             continue
         name = named.group(1).split(".")[-1]
-        if name == path.stem:
+        if name == path.stem or (path.stem == "__init__" and name == path.parent.name):
             continue
         source = path.read_text(encoding="utf-8")
         if not re.search(rf"^(def|class) {name}\b|^{name} = ", source, re.MULTILINE):

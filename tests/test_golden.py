@@ -1,7 +1,7 @@
-"""Golden vectors (backends/golden/): intact, complete, and still what the reference computes.
+"""Golden vectors (backends/testing/golden/): intact, complete, and still what the reference computes.
 
 A failure of ``test_reference_has_not_drifted`` means dla_ref changed its results: if
-the change is deliberate, regenerate with ``python -m dla_backends.golden --write`` and
+the change is deliberate, regenerate with ``python -m dla_backends.testing.golden --write`` and
 say so in the commit, since C++/CUDA tests elsewhere compare against these files.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import dla_ref
-from dla_backends import golden
+from dla_backends.testing import golden
 from dla_backends.testing import decision_margins
 
-DOC = golden.DIRECTORY.parents[1] / "docs" / "golden-vectors.md"
+DOC = golden.DIRECTORY.parents[2] / "docs" / "golden-vectors.md"
 
 
 @pytest.mark.parametrize("name", golden.GOLDEN_CASES)

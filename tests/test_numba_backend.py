@@ -1,4 +1,4 @@
-"""What is specific to the Numba backend (dla_backends.numba_scan).
+"""What is specific to the Numba backend (dla_backends.kernels.numba_scan).
 
 The general differential suite (tests/test_differential.py) runs "numba" through every
 shared check. Here: its float32 and float64 states against the reference, the parallel
@@ -18,7 +18,7 @@ import pytest
 import dla_ref
 
 numba = pytest.importorskip("numba", reason="numba is not installed (extra 'numba')")
-numba_scan = pytest.importorskip("dla_backends.numba_scan")
+numba_scan = pytest.importorskip("dla_backends.kernels.numba_scan")
 
 # Errors are measured relative to the reference's largest magnitude (states grow with T).
 # float64 keeps ~1e-16 per operation; float32 ~6e-8, over a few dozen tokens.
@@ -237,7 +237,7 @@ def test_other_float_dtypes_are_refused():
 
 LOAD_FROM_CACHE = """
 import json, numpy as np
-from dla_backends import numba_scan
+from dla_backends.kernels import numba_scan
 for dtype in (np.float32, np.float64):
     x = np.ones((1, 2, 1, 3), dtype)
     numba_scan.dla(x, x, x, np.ones((1, 2, 1, 2), dtype), capacity=2)

@@ -17,7 +17,7 @@ import pytest
 
 import dla_ref
 import dla_ref.step
-from dla_backends import check as dla_check
+from dla_backends.cli import check as dla_check
 from dla_backends import cli
 from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, availability, build_case,
                                   check_apply, check_case, check_decide, reference_candidate,

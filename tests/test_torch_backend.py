@@ -1,4 +1,4 @@
-"""What is specific to the torch backend (dla_backends.torch_scan): autograd, dtypes,
+"""What is specific to the torch backend (dla_backends.kernels.torch_scan): autograd, dtypes,
 devices, memory layouts, and agreement with the reference on seeded cases.
 
 The general differential suite (tests/test_differential.py) runs "torch" through every
@@ -19,7 +19,7 @@ import dla_ref
 from dla_backends.testing import tolerance
 
 torch = pytest.importorskip("torch", reason="torch not installed")
-from dla_backends.torch_scan import dla  # noqa: E402 -- after the torch check
+from dla_backends.kernels.torch_scan import dla  # noqa: E402 -- after the torch check
 
 BACKBONES = ("linear", "mamba2", "gdn")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -259,6 +259,6 @@ def test_runs_unchanged_on_cuda(backbone):
 
 
 def test_importing_the_backend_does_not_import_torch():
-    code = ("import sys, dla_backends, dla_backends.torch_scan; "
+    code = ("import sys, dla_backends, dla_backends.kernels.torch_scan; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,4 +1,4 @@
-"""torch-chunked (backends/torch_chunked.py) against the reference, chunk by chunk.
+"""torch-chunked (backends/kernels/torch_chunked.py) against the reference, chunk by chunk.
 
 The differential suite runs torch-chunked at its default chunk length, where its
 short cases fit in one chunk. Here the chunk length C is part of the case: C = 1
@@ -22,7 +22,7 @@ import dla_ref
 from dla_backends.testing import Candidate, Case, CaseSpec, build_case, case_specs, check_case
 
 torch = pytest.importorskip("torch", reason="torch-chunked needs torch")
-from dla_backends import torch_chunked  # noqa: E402
+from dla_backends.kernels import torch_chunked  # noqa: E402
 
 CHUNKS = (1, 2, 3, 4, 5, 7, 64)
 

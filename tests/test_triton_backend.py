@@ -1,4 +1,4 @@
-"""What is specific to the Triton backend (dla_backends.triton_kernels): its two kernels,
+"""What is specific to the Triton backend (dla_backends.kernels.triton_kernels): its two kernels,
 their tilings, and the host code around them.
 
 The general differential suite (tests/test_differential.py) runs "triton" through every
@@ -39,7 +39,7 @@ available, why = registry.get("triton").available()
 if not available:
     pytest.skip(f"triton backend unavailable: {why}", allow_module_level=True)
 
-from dla_backends import triton_kernels  # noqa: E402 -- decorates the kernels
+from dla_backends.kernels import triton_kernels  # noqa: E402 -- decorates the kernels
 
 DEVICE = "cuda" if CUDA else "cpu"
 TRITON = get_backend(f"triton@{DEVICE}")

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import dla_ref
-from dla_backends.demo import synthetic_stream
+from dla_backends.cli.demo import synthetic_stream
 
 # %% [markdown]
 # ## The stream

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import dla_ref
-from dla_backends.demo import (fenwick_partition, final_partition, needle_recall,
+from dla_backends.cli.demo import (fenwick_partition, final_partition, needle_recall,
                                synthetic_stream, theorem_bound)
 
 # %% [markdown]

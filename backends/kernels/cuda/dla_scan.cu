@@ -1,6 +1,6 @@
 // dla_scan.cu -- DLA's recurrent scan (SPEC §3) on the GPU: one CUDA block per stream.
 //
-// Loaded by backends/cupy_kernels.py with cupy.RawModule (NVRTC), compiled with
+// Loaded by backends/kernels/cupy_kernels.py with cupy.RawModule (NVRTC), compiled with
 // -DDLA_BLOCK=<threads per block>; the kernel is a template over the state type
 // `real` (float, the shipped state; double, which lets the tests hold the index math
 // to float64 tolerance), looked up by the name expressions "dla_scan<float>" and
@@ -29,7 +29,7 @@
 //   over the slots instead of two), a slot permutation in shared memory instead of
 //   shifting states on a merge, and Dv tiles over several blocks for small B*H.
 //
-// The NumPy model of this file is backends/cuda_model.py: the same functions by the same
+// The NumPy model of this file is backends/kernels/cuda_model.py: the same functions by the same
 // names (owner, block_sum_pair, column_total, contribution, transition, information_score,
 // decide, merge_adjacent, write_token, readout), the same DLA_BLOCK (its BLOCK), the same
 // reduction orders. Change one, change the other; the CPU tests run the model.
@@ -52,7 +52,7 @@
 //   n_s  int64[K] | info_s real[K] | red real[2 * DLA_BLOCK] | col real[G * Dv].
 
 #ifndef DLA_BLOCK
-#error "compile with -DDLA_BLOCK=<threads>; backends/cuda_model.py (BLOCK) is the one source of it"
+#error "compile with -DDLA_BLOCK=<threads>; backends/kernels/cuda_model.py (BLOCK) is the one source of it"
 #endif
 static_assert(DLA_BLOCK >= 32 && (DLA_BLOCK & (DLA_BLOCK - 1)) == 0,
               "the tree reduction halves the block: DLA_BLOCK must be a power of two");

@@ -46,7 +46,7 @@ from dla_ref.recurrent import prepare, scan
 from dla_ref.step import dla_decision, pair_density
 from dla_ref.validation import check_options
 
-from . import describe, registry
+from .. import describe, registry
 
 # --- the backend table ------------------------------------------------------------
 

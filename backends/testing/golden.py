@@ -1,10 +1,10 @@
 """Golden vectors: small fixed cases computed by the reference, readable without Python.
 
-    python -m dla_backends.golden            check the stored files against the reference
-    python -m dla_backends.golden --write    regenerate them (after a deliberate change)
+    python -m dla_backends.testing.golden            check the stored files against the reference
+    python -m dla_backends.testing.golden --write    regenerate them (after a deliberate change)
 
 Each case is one uncompressed .npz file (a zip of .npy arrays: little-endian, C order)
-in backends/golden/, and manifest.json describes them all: options, dimensions, and
+in backends/testing/golden/, and manifest.json describes them all: options, dimensions, and
 per array its dtype, shape, SHA-256 of the raw bytes and the byte offset of those bytes
 inside the .npz, so that a C++/CUDA test can read an array with one seek and one read.
 docs/golden-vectors.md documents the layout.
@@ -24,7 +24,7 @@ import numpy as np
 
 import dla_ref
 
-from .testing import Case, CaseSpec, build_case
+from . import Case, CaseSpec, build_case
 
 DIRECTORY = Path(__file__).parent / "golden"
 FORMAT = "dla-golden/1"
@@ -129,7 +129,7 @@ def describe_array(x: np.ndarray, offset: int) -> dict:
 def write(directory: Path = DIRECTORY) -> dict:
     """Compute every golden case with the reference and write the files; returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = dict(format=FORMAT, generator="python -m dla_backends.golden --write",
+    manifest = dict(format=FORMAT, generator="python -m dla_backends.testing.golden --write",
                     reference=f"dla_ref {dla_ref.__version__}", cases={})
     for name, spec in GOLDEN_CASES.items():
         case = build_case(spec)
@@ -240,7 +240,7 @@ def compare(label: str, got: dict, want: dict, rtol: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dla_backends.golden", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dla_backends.testing.golden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="regenerate the files")
     parser.add_argument("--dir", type=Path, default=DIRECTORY, help="where the files live")

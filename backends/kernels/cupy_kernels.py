@@ -1,4 +1,4 @@
-"""DLA on the GPU through CuPy: the CUDA kernel of backends/cuda/dla_scan.cu.
+"""DLA on the GPU through CuPy: the CUDA kernel of backends/kernels/cuda/dla_scan.cu.
 
 Registered as "cupy" (CuPy arrays on a CUDA device). ``dla`` has the signature and result
 of ``dla_ref.dla``; the state (S, info, scores) is kept in float32, o comes back in the
@@ -9,7 +9,7 @@ input's dtype. Two entry points, one kernel:
 
 The host side (validation by dla_ref.validation, the stream layout of dla_ref.recurrent,
 the check of a forced trace by dla_ref.parallel.partition_history) is shared with the
-NumPy model of the kernel, ``dla_backends.cuda_model``; this module adds only the launch.
+NumPy model of the kernel, ``dla_backends.kernels.cuda_model``; this module adds only the launch.
 CuPy is imported when a kernel is first launched, never at import.
 """
 

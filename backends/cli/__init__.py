@@ -11,9 +11,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("dla_backends.demo", "DLA on a built-in synthetic stream, against the baselines"),
-    "check": ("dla_backends.check", "the differential suite for one backend"),
-    "bench": ("dla_backends.bench", "the benchmark workloads, checked, then timed"),
+    "demo": ("dla_backends.cli.demo", "DLA on a built-in synthetic stream, against the baselines"),
+    "check": ("dla_backends.cli.check", "the differential suite for one backend"),
+    "bench": ("dla_backends.cli.bench", "the benchmark workloads, checked, then timed"),
 }
 
 

@@ -163,7 +163,7 @@ def targets(names, device):
     """
     import importlib.util
 
-    from . import implementations
+    from .. import implementations
 
     table = implementations("dla")
     unknown = [n for n in names or () if n not in table]
@@ -193,7 +193,7 @@ def targets(names, device):
 
 def entry_point(target: Target):
     """The backend's dla callable."""
-    from . import get
+    from .. import get
 
     return get(target.name).load()
 
@@ -204,7 +204,7 @@ def loglinear_entry(target: Target):
 
     import dla_ref
 
-    from . import get
+    from .. import get
 
     module = importlib.import_module(get(target.name).loader.partition(":")[0])
     if target.name != "reference" and hasattr(module, "loglinear"):
@@ -245,7 +245,7 @@ def native(arrays: dict, target: Target) -> dict:
     """NumPy inputs (and an initial Cache) as the target's float32 arrays."""
     import dla_ref
 
-    from .testing import to_native
+    from ..testing import to_native
 
     def convert(x):
         return None if x is None else to_native(x, target.namespace, target.device, "float32")
@@ -278,7 +278,7 @@ def check(target: Target, w: Workload, arrays: dict) -> float:
     Returns the largest share of a tolerance budget used; raises AssertionError,
     or NotImplementedError where the backend does not support the workload.
     """
-    from .testing import Candidate, Case, check_case
+    from ..testing import Candidate, Case, check_case
 
     fn = entry_point(target)
     if w.decode:
@@ -495,7 +495,7 @@ def run(args) -> int:
                   versions=versions(),
                   device=device, dtype="float32", matmul_GFLOPs=matmul / 1e9, tau=TAU,
                   essential_chunk=ESSENTIAL_CHUNK,
-                  inputs="piecewise stationary (see dla_backends.bench)",
+                  inputs="piecewise stationary (see dla_backends.cli.bench)",
                   workloads={n: dict(WORKLOADS[n].__dict__) for n in workloads},
                   settings=dict(check_tokens=args.check_tokens,
                                 reference_tokens=args.reference_tokens, repeat=args.repeat,

@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from . import testing
+    from .. import testing
 
     testing.interpret_triton_without_cuda()
     try:
@@ -42,7 +42,7 @@ def check_candidate(candidate, seed: int, examples: int) -> int:
 
     Prints the summary table and the failures; returns the exit code (1 if any failed).
     """
-    from . import testing
+    from .. import testing
 
     groups = {"named cases": list(testing.NAMED_CASES.values())}
     for number, backbone in enumerate(BACKBONES):
@@ -70,7 +70,7 @@ def run_group(candidate, specs, failures, skips) -> dict:
     failures: a list that gets (spec, message) per failing case; skips: a dict that
     counts the NotImplementedError messages (the backend's "not applicable").
     """
-    from . import testing
+    from .. import testing
 
     row = dict(passed=0, failed=0, skipped=0, used=0.0)
     for spec in specs:

@@ -1,4 +1,4 @@
-"""A NumPy model of the CUDA kernel backends/cuda/dla_scan.cu, and the host side of both.
+"""A NumPy model of the CUDA kernel backends/kernels/cuda/dla_scan.cu, and the host side of both.
 
 The CPU cannot run the kernel, so this module runs its index math instead: the same
 decomposition (one block per stream, BLOCK threads, each thread owning a fixed set of
@@ -25,7 +25,7 @@ The state as the threads hold it ("thread layout"):
 
 The host side (``run``: validate with dla_ref.validation, lay the batch out as streams,
 check a forced trace, launch, lay the results back out) is shared with
-``dla_backends.cupy_kernels``, which passes its CuPy launch where this module passes
+``dla_backends.kernels.cupy_kernels``, which passes its CuPy launch where this module passes
 ``launch``.
 """
 

@@ -1,6 +1,6 @@
 """The Triton backend: a decode-step kernel and a full-sequence (prefill) kernel for DLA.
 
-Registered as "triton" (``dla_backends.triton_kernels:dla``): the signature, semantics
+Registered as "triton" (``dla_backends.kernels.triton_kernels:dla``): the signature, semantics
 and result of ``dla_ref.dla``. Inputs of any float dtype; the state (cache S and info,
 trace scores) is float32 whatever the inputs; o comes back in the inputs' promoted
 dtype. ``dla`` runs the decode kernel when T == 1 (decoding from an initial cache, token
