@@ -148,7 +148,7 @@ def run_pytest(backends: str) -> subprocess.CompletedProcess:
     """pytest on one named differential case, with DLA_BACKENDS set."""
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-         "tests/test_differential.py::test_named_case[{}-T=1]".format(backends)],
+         f"tests/test_differential.py::test_named_case[{backends}-T=1]"],
         capture_output=True, text=True, cwd=Path(__file__).parents[1],
         env={**os.environ, "DLA_BACKENDS": backends})
 

@@ -9,7 +9,8 @@ cases pass with the reference unbroken, so what fails is the sabotage, not the c
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 from unittest import mock
 
 import numpy as np

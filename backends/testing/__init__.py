@@ -36,7 +36,8 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -352,7 +353,7 @@ class Case:
         return {**args, **self.options, "trace": convert(self.trace),
                 "initial_cache": convert(self.initial_cache)}
 
-    def as_given_to(self, candidate: Candidate) -> "Case":
+    def as_given_to(self, candidate: Candidate) -> Case:
         """The case with its values rounded as the candidate receives them.
 
         The reference then sees exactly the numbers the candidate was given, so that
