@@ -11,11 +11,12 @@ from .parallel import masked_form, materialized, partition_history, slot_starts
 from .records import BACKBONES, SCORES, SLOT_ORDERS, Cache, Options, Result, Trace
 from .recurrent import dla, fixed, single
 from .theory import deviation, deviation_bound
+from .vjp import Gradients, vjp
 
 __all__ = [
-    "BACKBONES", "SCORES", "SLOT_ORDERS", "Cache", "Inadmissible", "Options", "Result",
+    "BACKBONES", "SCORES", "SLOT_ORDERS", "Cache", "Gradients", "Inadmissible", "Options", "Result",
     "Trace", "check_trace", "deviation", "deviation_bound", "dla", "fenwick_levels",
     "fenwick_mask", "fixed", "loglinear", "masked_form", "materialized",
-    "partition_history", "single", "slot_starts",
+    "partition_history", "single", "slot_starts", "vjp",
 ]
 __version__ = "0.1.0"
