@@ -2,10 +2,12 @@
 
 ``backend``: every test that asks for it runs once per name in the environment
 variable DLA_BACKENDS, a comma list of ``dla_backends.testing.BACKENDS`` names written
-NAME[@DEVICE][:DTYPE] (device cpu or cuda for torch-based ones; input dtype float64
-by default where accepted), e.g.
+NAME[/NAMESPACE][@DEVICE][:DTYPE]: a registry name, the namespace it is fed when not its
+first (reference/torch, reference/array_api_strict), device cpu or cuda for torch-based
+ones, input dtype (float64 by default where accepted), e.g.
 
     DLA_BACKENDS=triton@cuda,torch@cuda,torch-chunked@cuda,cupy,torch@cuda:float16 pytest tests
+    DLA_BACKENDS=reference,reference:float32,reference/torch pytest tests/test_differential.py
 
 Unset, it is every backend that can run on a CPU. An unknown name stops the run with
 the list of known ones; one that cannot run here (not installed, no GPU, module not
@@ -36,8 +38,9 @@ settings.register_profile("dev", derandomize=False, max_examples=200, deadline=N
                           print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-CPU_BACKENDS = ("numpy", "array_api_strict", "reference-torch", "numba", "torch",
-                "torch-chunked", "triton", "cuda-model")
+# Every test backend that can run on a CPU, in registry order (testing.BACKENDS is derived
+# from the registry): reference, reference/array_api_strict, reference/torch, numba, ...
+CPU_BACKENDS = tuple(name for name in testing.BACKENDS if "cpu" in testing.backend_devices(name))
 
 # Share of the profile's examples a backend (NAME@DEVICE) runs: the interpreted Triton
 # kernels take seconds per case on a CPU, so they get fewer. On CUDA all run in full.
@@ -52,7 +55,7 @@ def backend_names() -> list[str]:
 def pytest_configure(config):
     for name in backend_names():
         try:
-            testing.parse_backend(name)
+            testing.get_backend(name)
         except ValueError as exc:
             raise pytest.UsageError(f"DLA_BACKENDS: {exc}") from None
 

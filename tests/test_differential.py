@@ -94,7 +94,7 @@ def test_the_documented_examples_run():
     exec(compile("\n".join(blocks), str(doc), "exec"), {"__name__": "docs_example"})
 
 
-@pytest.mark.parametrize("name", ["numpy", "reference-torch"])
+@pytest.mark.parametrize("name", ["reference", "reference/torch"])
 def test_noncontiguous_cases_feed_strided_views(name):
     """The named non-contiguous case does reach the backend as strided views, with the
     case's values (else its test would check nothing new)."""

@@ -24,7 +24,7 @@ import numpy as np
 
 import dla_ref
 
-from . import Case, CaseSpec, build_case
+from .cases import Case, CaseSpec, build_case
 
 DIRECTORY = Path(__file__).parent / "golden"
 FORMAT = "dla-golden/1"
@@ -136,7 +136,8 @@ def write(directory: Path = DIRECTORY) -> dict:
         if not math.isfinite(case.options["tau"]):
             raise ValueError(f"golden case {name}: tau must be finite (JSON has no inf)")
         inputs = {k: canonical(x) for k, x in case_arrays(case).items()}
-        outputs = {k: canonical(x) for k, x in result_arrays(dla_ref.dla(**case.arguments())).items()}
+        result = dla_ref.dla(**case.arguments())
+        outputs = {k: canonical(x) for k, x in result_arrays(result).items()}
         path = directory / f"{name}.npz"
         save_npz(path, {**inputs, **outputs})
         offsets = data_offsets(path)
@@ -240,7 +241,8 @@ def compare(label: str, got: dict, want: dict, rtol: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dla_backends.testing.golden", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dla_backends.testing.golden",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="regenerate the files")
     parser.add_argument("--dir", type=Path, default=DIRECTORY, help="where the files live")

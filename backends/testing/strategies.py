@@ -1,0 +1,72 @@
+"""Cases drawn at the known bug sites: Hypothesis strategies and a seeded generator.
+
+``draw_spec`` says what is drawn; ``case_specs`` / ``cases`` draw it with Hypothesis
+(imported only here, when called), ``seeded_specs`` with a seeded NumPy generator for
+``dla check``. See docs/testing-your-kernel.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import dla_ref
+
+from .cases import CaseSpec, build_case
+
+
+def draw_spec(pick: Callable[[str, tuple], Any], backbone: str | None = None) -> CaseSpec:
+    """A CaseSpec whose every field is chosen by ``pick(name, options)``.
+
+    The options list the simplest first (Hypothesis shrinks towards it) and aim at
+    the known bug sites: T = 1 and T not a multiple of a chunk (1..24), K = 1, 2,
+    >= T, reached exactly and exceeded by one, scores at tau (tau "at-score", 0),
+    tau = +-inf, exact ties (repeated tokens), decay extremes, zero and tiny keys,
+    odd head sizes (1..8), initial caches, forced traces and strided inputs.
+    ``backbone`` fixes the backbone instead of drawing it.
+    """
+    T = pick("T", tuple(range(1, 25)))
+    capacity = pick("capacity", (4, 1, 2, 3, 5, 8, T, T + 1, "reached", "exceeded"))
+    return CaseSpec(
+        seed=pick("seed", tuple(range(2**16))),
+        B=pick("B", (1, 2)), T=T, H=pick("H", (1, 2)),
+        Dk=pick("Dk", tuple(range(1, 9))), Dv=pick("Dv", tuple(range(1, 9))),
+        capacity=capacity,
+        backbone=backbone or pick("backbone", dla_ref.BACKBONES),
+        score=pick("score", dla_ref.SCORES),
+        normalize=pick("normalize", (True, False)),
+        slots=pick("slots", dla_ref.SLOT_ORDERS),
+        tau=pick("tau", (0.6, 0.3, 1.0, 1.4, "at-score", 0.0, math.inf, -math.inf)),
+        decay=pick("decay", ("moderate", "none", "extreme", "mixed")),
+        keys=pick("keys", ("normal", "zero", "tiny")),
+        tokens=pick("tokens", ("random", "segments", "repeated")),
+        split=pick("split", (0, 0, 1, 5)),
+        forced_trace=pick("forced_trace", (False, False, False, True)),
+        noncontiguous=pick("noncontiguous", (False, True)),
+    )
+
+
+def case_specs(backbone: str | None = None):
+    """Hypothesis strategy of CaseSpec (see ``draw_spec``); hypothesis is imported here."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def specs(draw):
+        return draw_spec(lambda name, options: draw(st.sampled_from(options)), backbone)
+
+    return specs()
+
+
+def cases(backbone: str | None = None):
+    """Hypothesis strategy of Case: ``case_specs(backbone).map(build_case)``."""
+    return case_specs(backbone).map(build_case)
+
+
+def seeded_specs(seed: int, count: int, backbone: str | None = None) -> list[CaseSpec]:
+    """``count`` specs drawn like ``case_specs`` from a seeded NumPy generator."""
+    rng = np.random.default_rng(seed)
+    return [draw_spec(lambda name, options: options[int(rng.integers(len(options)))],
+                      backbone) for _ in range(count)]
