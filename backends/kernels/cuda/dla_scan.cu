@@ -173,6 +173,9 @@ __device__ void transition(real* S, int m, const real* k, real alpha, real beta,
 // with the mean over all Dk * Dv entries, or the identity when !normalize.
 // Two block reductions: (sum A^2, sum S^2) give the scales of R (normalize only), then
 // (sum (R(A) - R(S))^2, sum R(S)^2) give the score. Every thread returns the same value.
+// Normalized scores are clamped at 2: above it only against a vanished open state, where
+// the value is rounding noise (docs/spec/information-score.md). This direct form does not
+// cancel where R(A) ~ R(S_open), unlike the expanded three-scalar form.
 template <typename real>
 __device__ real information_score(const real* S_open, const real* k, const real* v, real beta,
                                   const Owner& own, const Options<real>& opt, real* red) {
@@ -204,7 +207,23 @@ __device__ real information_score(const real* S_open, const real* k, const real*
       sum_RS += RS * RS;
     }
   block_sum_pair(sum_diff, sum_RS, red);
-  return square_root(sum_diff) / (square_root(sum_RS) + opt.eps);
+  const real score = square_root(sum_diff) / (square_root(sum_RS) + opt.eps);
+  return opt.normalize && score > real(2) ? real(2) : score;
+}
+
+// Whether s_t = beta_t k_t v_t^T is exactly zero: beta_t = 0 (gdn), k_t = 0 or v_t = 0,
+// tested on the inputs, not on their product, which can underflow
+// (dla_ref.step.zero_contribution). Each thread tests the rows and columns it owns, which
+// together cover k and v; __syncthreads_or combines them. Every thread must call it.
+template <typename real>
+__device__ bool zero_contribution(const real* k, const real* v, real beta, const Owner& own,
+                                  const Options<real>& opt) {
+  int any_k = 0, any_v = 0;
+  for (int a = own.first_row; a < opt.Dk; a += own.G) any_k |= k[a] != real(0);
+  for (int j = own.first_col; j < opt.Dv; j += own.C) any_v |= v[j] != real(0);
+  const bool zero_k = __syncthreads_or(any_k) == 0;
+  const bool zero_v = __syncthreads_or(any_v) == 0;
+  return (opt.backbone == GDN && beta == real(0)) || zero_k || zero_v;
 }
 
 // Merge slot j+1 into slot j and shift slots j+2 ... K-1 left by one; slot K-1 becomes 0
@@ -222,8 +241,9 @@ __device__ void merge_adjacent(field* x, long long stride, int j, int K) {
 // The thread-0 decision for one token: boundary and merge (SPEC §3.3, §3.5), then the
 // bookkeeping of the write. Reads and writes n_s, info_s, m (shared); returns the slot
 // the token is written to. Rules, as in dla_ref.step:
-//   b = [m = 0] or [K > 1 and I >= tau]   (>=; tau = +inf never opens a slot, -inf always;
-//       K = 1 never opens a second slot);
+//   b = [m = 0] or [K > 1 and not silent and I >= tau]   (>=; tau = +inf never opens a
+//       slot, -inf always; K = 1 never opens a second slot; a zero contribution, `silent`,
+//       is absorbed whenever m > 0, whatever tau);
 //   a merge iff b and m = K >= 2: j = argmin_j (J_j + J_{j+1}) / (n_j + n_{j+1}) over
 //       j = 0 ... K-2, ties to the smallest j (strict < while scanning upwards);
 //   forced: b and j are read from the trace (checked on the host by
@@ -231,14 +251,15 @@ __device__ void merge_adjacent(field* x, long long stride, int j, int K) {
 // Write: the token goes to slot m - 1 + b after the merge (absorb into the open slot, or
 // append a fresh one, whose fields are 0: one rule, "add").
 template <typename real>
-__device__ int decide(real score, int& m, long long* n_s, real* info_s, bool forced_b,
-                      long long forced_j, int& boundary, int& merged, const Options<real>& opt) {
+__device__ int decide(real score, bool silent, int& m, long long* n_s, real* info_s,
+                      bool forced_b, long long forced_j, int& boundary, int& merged,
+                      const Options<real>& opt) {
   const int K = opt.K;
   if (opt.forced) {
     boundary = forced_b;
     merged = (int)forced_j;
   } else {
-    boundary = m == 0 || (K > 1 && (double)score >= opt.tau);
+    boundary = m == 0 || (K > 1 && !silent && (double)score >= opt.tau);
     merged = -1;
     if (boundary && m == K && K > 1) {
       real best = 0;
@@ -339,15 +360,17 @@ dla_scan(const real* __restrict__ q, const real* __restrict__ k, const real* __r
     const int used = m_s;
 
     transition(S, used, k_t, alpha_t, beta_t, own, opt, col);
-    // I_0 := 0 for an empty cache (uniform branch: `used` is the same in every thread)
-    const real score = used > 0
+    // I_0 := 0 for an empty cache and I_t := 0 for a zero contribution (uniform branches:
+    // `used` and `silent` are the same in every thread)
+    const bool silent = used > 0 && zero_contribution(k_t, v_t, beta_t, own, opt);
+    const real score = used > 0 && !silent
         ? information_score(S + (long long)(used - 1) * Dk * Dv, k_t, v_t, beta_t, own, opt, red)
         : real(0);
     __syncthreads();  // everyone has read m_s before thread 0 changes it
 
     if (tid == 0) {
       int m_now = used, b, j;
-      target_s = decide(score, m_now, n_s, info_s, opt.forced && forced_b[token],
+      target_s = decide(score, silent, m_now, n_s, info_s, opt.forced && forced_b[token],
                         opt.forced ? forced_j[token] : -1, b, j, opt);
       m_s = m_now;
       boundary_s = b;
