@@ -1,8 +1,9 @@
-"""dla_ref: the executable specification of Dynamic Linear Attention (SPEC.md).
+"""dla_ref: the executable specification of Dynamic Linear Attention.
 
 Pure functions over the array API: NumPy, array_api_strict and torch tensors all
 work; nothing optional is imported. Start reading at ``step.py`` (one token, one
 function per equation), then ``recurrent.py`` (the scan and the public ``dla``).
+The prose spec, with a link from every equation to its function: docs/index.md.
 """
 
 from .admissibility import Inadmissible, check_trace

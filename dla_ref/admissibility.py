@@ -1,4 +1,4 @@
-"""Trace admissibility (SPEC §4): was each decision of another implementation right?
+"""Trace admissibility: was each decision of another implementation right?
 
 Decisions are discontinuous in the inputs, so a float32 kernel may legitimately
 decide differently from the float64 reference when a score lies a hair from tau or
@@ -10,8 +10,9 @@ a tolerance:
     b_t = 0                      needs I_t <  tau + score_tol
     merge j                      needs density_j - min_j' density_j' <= density_tol
 
-A decision is free when the cache is non-empty and K >= 2 (otherwise the rules of
-SPEC §3 force it, and a violation raises ValueError as for any forced trace).
+A decision is free when the cache is non-empty and K >= 2 (otherwise the rules
+force it, and a violation raises ValueError as for any forced trace). The page:
+docs/spec/trace.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._xp import device
 from .recurrent import prepare, replay, scan
+from .step import decision_is_free, pair_density
 from .validation import check_options
 
 
@@ -53,16 +56,18 @@ def check_trace(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta=
     xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
                                            initial_cache, None)
     replayed = replay(xp, trace, B, T, H, opts)
-    free = []  # per t: was the boundary decision free (m > 0 and K >= 2)?
+    free, margins = [], []  # per t: was b_t free; how much denser the merged pair was
 
     def decide_at(t):
         def decide(score_, m, n, info):
-            free.append((m > 0) if capacity > 1 else (m < 0))
-            return replayed(t)(score_, m, n, info)
+            boundary, merged = replayed(t)(score_, m, n, info)
+            free.append(decision_is_free(m, opts.capacity))
+            margins.append(density_margin(xp, n, info, merged))
+            return boundary, merged
         return decide
 
-    _, _, (scores, boundary, merged), margin = scan(xp, tokens, cache, opts, decide_at)
-    free = xp.stack(free, axis=1)
+    _, _, (scores, boundary, merged) = scan(xp, tokens, cache, opts, decide_at)
+    free, margin = xp.stack(free, axis=1), xp.stack(margins, axis=1)
     zero = xp.zeros_like(scores)
     misses = {
         "boundary": xp.where(free & boundary, (tau - score_tol) - scores, zero - 1),
@@ -70,6 +75,22 @@ def check_trace(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta=
     }
     misses["merge"] = xp.where(merged >= 0, margin - density_tol, zero - 1)
     return first_miss(misses, scores, H, strict={"no-boundary"})
+
+
+def density_margin(xp, n, info, merged):
+    """How much denser the merged pair is than the least dense one (>= 0), [N].
+
+    n, info [N, K] before the merge, merged [N] (-1: none). 0 where no merge happened;
+    a forced merge of a pair touching an unused slot has density inf and stays visible.
+    """
+    zero = xp.zeros(merged.shape, dtype=info.dtype, device=device(info))
+    if n.shape[1] < 2:  # no pairs, so no merge (K = 1)
+        return zero
+    density = pair_density(xp, n, info)
+    pair = xp.arange(density.shape[1], dtype=merged.dtype, device=device(merged))
+    chosen_mask = pair[None, :] == merged[:, None]
+    chosen = xp.sum(xp.where(chosen_mask, density, xp.zeros_like(density)), axis=1)
+    return xp.where(merged >= 0, chosen - xp.min(density, axis=1), zero)
 
 
 def first_miss(misses, scores, H, strict):

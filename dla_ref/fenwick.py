@@ -1,4 +1,4 @@
-"""The Log-Linear Attention baseline (Guo et al., 2025): the Fenwick partition (SPEC §6).
+"""The Log-Linear Attention baseline (Guo et al., 2025): the Fenwick partition.
 
 At time t, token s <= t lies at level
 
@@ -7,6 +7,7 @@ At time t, token s <= t lies at level
 Level l >= 1 holds the 2^(l-1) tokens that agree with t above bit l-1 and have a 0
 where t has a 1 at bit l-1; it is empty when bit l-1 of t is 0. lambda is indexed by
 level: o_t = sum_l lambda_t[l] q_t^T S_l. Positions count from the stream's start.
+The page: docs/spec/baselines.md.
 """
 
 from __future__ import annotations

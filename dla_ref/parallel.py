@@ -1,4 +1,4 @@
-"""The materialized O(T^2) form (SPEC §5): a second, independent definition.
+"""The materialized O(T^2) form: a second, independent definition (docs/spec/materialized.md).
 
     o_t = sum_{s <= t} Lambda[t, s] * (q_t^T P_{t,s} k~_s) * v_s
 
@@ -23,8 +23,8 @@ def materialized(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta
     Shapes as in ``dla_ref.dla``. The trace (from an empty cache) fixes the partition;
     its scores are not used. A trace that does not fit the capacity raises ValueError.
     """
-    opts = check_options(capacity=capacity, tau=0.0, backbone=backbone, score="token",
-                         normalize=True, slots=slots, eps=1.0)
+    check_options(capacity=capacity, tau=0.0, backbone=backbone, score="token",
+                  normalize=True, slots=slots, eps=1.0)
     xp = array_namespace(q, k, v, lam)
     B, T, H, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
                                  lam_columns=capacity)
@@ -93,27 +93,47 @@ def masked_form(xp, q, k, v, weights, alpha, beta, backbone):
     q, k [N, T, Dk], v [N, T, Dv], weights [N, T, T] (zero above the diagonal),
     alpha, beta [N, T] or None. Shared by ``materialized`` and the Fenwick check of
     ``loglinear``.
-
-    q_t^T P_{t,s} is built for every t at once by a backward sweep over s:
-    u_t(t) = q_t and u_t(s-1) = G_s^T u_t(s)  (G_s is symmetric for all backbones).
     """
-    N, T, Dk = q.shape
+    return xp.matmul(weights * propagated_scores(xp, q, k, alpha, beta, backbone), v)
+
+
+def propagated_scores(xp, q, k, alpha, beta, backbone):
+    """A[t, s] = q_t^T P_{t,s} k~_s for every t, s.   -> [N, T(t), T(s)]
+
+    P_{t,s} = G_t ... G_{s+1}; k~_s = beta_s k_s (gdn) or k_s. The row vectors
+    q_t^T P_{t,s} are built for every t at once by a backward sweep over s:
+    u_t(t) = q_t and u_t(s-1) = G_s^T u_t(s). Entries above the diagonal (s > t) are
+    left 0, which ``weights`` masks anyway.
+    """
+    T = q.shape[1]
     t_index = xp.arange(T, device=device(q))
     u = xp.zeros_like(q)  # u[:, t] = P_{t,s}^T q_t for the current s (rows t >= s)
     scores = []
     for s in range(T - 1, -1, -1):
         u = xp.where((t_index == s)[None, :, None], q, u)
-        ks = k[:, s, :]
-        if backbone == "gdn":
-            ks = beta[:, s, None] * ks
+        a_s, b_s = (None if x is None else x[:, s] for x in (alpha, beta))
+        ks = k[:, s, :] if backbone != "gdn" else b_s[:, None] * k[:, s, :]
         scores.append(xp.sum(u * ks[:, None, :], axis=2))  # [N, T]: q_t^T P_{t,s} k~_s
-        if backbone == "mamba2":
-            u = alpha[:, s, None, None] * u
-        elif backbone == "gdn":  # G_s^T u = alpha_s (u - beta_s (u . k_s) k_s)
-            uk = xp.sum(u * k[:, s, :][:, None, :], axis=2)
-            u = alpha[:, s, None, None] * (u - beta[:, s, None, None] * uk[:, :, None] * k[:, s, :][:, None, :])
-    A = xp.stack(scores[::-1], axis=2)  # [N, T(t), T(s)]
-    return xp.matmul(weights * A, v)
+        u = transposed_transition(xp, u, k[:, s, :], a_s, b_s, backbone)
+    return xp.stack(scores[::-1], axis=2)
+
+
+def transposed_transition(xp, u, k_s, alpha_s, beta_s, backbone):
+    """G_s^T u for rows u [N, T, Dk]: one factor of P_{t,s}^T.   -> [N, T, Dk]
+
+    k_s [N, Dk], alpha_s [N] (mamba2, gdn), beta_s [N] (gdn) or None.
+
+    linear: u;  mamba2: alpha_s u;  gdn: alpha_s (u - beta_s (u . k_s) k_s)
+    (G_s is symmetric for every backbone). Written apart from ``step.transition`` so
+    that this form shares no code with the recurrent one it checks.
+    """
+    if backbone == "linear":
+        return u
+    a = alpha_s[:, None, None]
+    if backbone == "mamba2":
+        return a * u
+    uk = xp.sum(u * k_s[:, None, :], axis=2)
+    return a * (u - beta_s[:, None, None] * uk[:, :, None] * k_s[:, None, :])
 
 
 def slot_starts(trace, capacity):

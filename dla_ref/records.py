@@ -5,6 +5,8 @@ All records hold fixed-shape arrays, so that the same code runs under NumPy,
 
     B batch, T tokens, H heads, N = B*H streams, K capacity (slots),
     Dk key/query size, Dv value size.
+
+The pages: docs/spec/trace.md (Trace, Result, Cache) and docs/spec/boundaries.md (Options).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Cache(NamedTuple):
 
 
 class Trace(NamedTuple):
-    """What a run decided, one entry per token (SPEC §4).
+    """What a run decided, one entry per token (docs/spec/trace.md).
 
     scores   [B, T, H] float  I_t (0 for the token that opens an empty cache)
     boundary [B, T, H] bool   b_t: the token opened a new slot
@@ -43,6 +45,24 @@ class Trace(NamedTuple):
     scores: Any
     boundary: Any
     merged: Any
+
+
+class Tokens(NamedTuple):
+    """The inputs of a run laid out as streams, in the computing dtype.
+
+    q     [N, T, Dk]   k [N, T, Dk]   v [N, T, Dv]   lam [N, T, K]
+    alpha [N, T]  = exp(log_alpha) (mamba2, gdn), else None
+    beta  [N, T]  (gdn), else None
+
+    ``step`` receives one token of it: the same fields without the T axis.
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    lam: Any
+    alpha: Any
+    beta: Any
 
 
 class Result(NamedTuple):
@@ -55,7 +75,9 @@ class Result(NamedTuple):
 
 @dataclass(frozen=True)
 class Options:
-    """Every scalar choice of SPEC §3, validated once (see ``validation.check_options``).
+    """Every scalar choice of a run, validated once (``validation.check_options``).
+
+    The pages: docs/spec/boundaries.md, docs/spec/readout.md, docs/choices.md.
 
     capacity  K >= 1
     tau       boundary threshold; +inf never opens a slot, -inf always does

@@ -1,21 +1,24 @@
-"""The recurrent form: DLA token by token over a batch (SPEC §3), and its policies.
+"""The recurrent form: DLA token by token over a batch, and its baselines.
 
-``dla`` is the public entry; ``fixed`` and ``single`` are the baselines of SPEC §6
-that share the cache, transition and readout and differ only in the partition policy.
+``dla`` is the public entry (docs/spec/boundaries.md and the pages it links); ``fixed``
+and ``single`` are the baselines of docs/spec/baselines.md, which share the cache,
+transition and readout and differ only in the partition policy. Underneath: ``prepare``
+(validate and lay a batch out as streams), ``scan`` (``step`` over the tokens) and
+``replay`` (a forced trace as a policy, checked by ``forced_decision``).
 """
 
 from __future__ import annotations
 
 from ._xp import array_namespace, compute_dtype, device
-from .records import Cache, Result, Trace
-from .step import dla_decision, merge_choice, step
+from .records import Cache, Result, Tokens, Trace
+from .step import decision_is_free, dla_decision, fixed_decision, step
 from .validation import check_cache, check_inputs, check_options, check_trace_shape
 
 
 def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
         capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
         trace=None, initial_cache=None, dtype=None) -> Result:
-    """Dynamic Linear Attention, recurrent form (SPEC §3).
+    """Dynamic Linear Attention, recurrent form (docs/spec/boundaries.md).
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0 (K = capacity);
     log_alpha [B, T, H] <= 0 (mamba2, gdn); beta [B, T, H] in [0, 1] (gdn).
@@ -46,17 +49,8 @@ def fixed(q, k, v, lam, *, chunk, backbone="linear", log_alpha=None, beta=None,
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     opts = check_options(capacity=capacity, tau=float("inf"), backbone=backbone,
                          score=score, normalize=normalize, slots=slots, eps=eps)
-
-    def policy(xp):
-        def decide(score_, m, n, info):
-            if capacity == 1:
-                return m == 0, xp.full_like(m, -1)
-            boundary = (m == 0) | (xp.sum(n, axis=1) % chunk == 0)
-            return boundary, merge_choice(xp, n, info, m, boundary, capacity)
-        return decide
-
     return run_policy(q, k, v, lam, log_alpha, beta, opts, None, initial_cache, dtype,
-                      policy)
+                      policy=lambda xp: fixed_decision(xp, opts, chunk))
 
 
 def single(q, k, v, *, backbone="linear", log_alpha=None, beta=None, dtype=None) -> Result:
@@ -78,7 +72,7 @@ def run_policy(q, k, v, lam, log_alpha, beta, opts, trace, initial_cache, dtype,
         decide_at = lambda t: policy(xp)  # noqa: E731 -- the same rule at every t
     else:
         decide_at = replay(xp, trace, B, T, H, opts)
-    cache, o, scan_trace, _ = scan(xp, tokens, cache, opts, decide_at)
+    cache, o, scan_trace = scan(xp, tokens, cache, opts, decide_at)
     return Result(
         o=from_streams(xp, o, B, H),
         cache=cache_from_streams(xp, cache, B, H),
@@ -89,9 +83,9 @@ def run_policy(q, k, v, lam, log_alpha, beta, opts, trace, initial_cache, dtype,
 def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
     """Validate the inputs and lay them out for ``scan``.
 
-    Returns (xp, (B, T, H), tokens, cache): tokens = (q, k, v, lam, alpha, beta) as
-    [N, T, ...] arrays of the computing dtype (alpha = exp(log_alpha); None where
-    the backbone has no such input), cache = (S, n, info, m) over N streams.
+    Returns (xp, (B, T, H), tokens, cache): tokens a ``Tokens`` record of [N, T, ...]
+    arrays of the computing dtype (alpha = exp(log_alpha); None where the backbone has
+    no such input), cache = (S, n, info, m) over N streams.
     """
     xp = array_namespace(q, k, v, lam)
     B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, opts.backbone,
@@ -107,15 +101,15 @@ def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
 
 
 def tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta):
-    """(q, k, v, lam, alpha, beta) as [N, T, ...] arrays of dtype ``ftype``.
+    """The inputs as a ``Tokens`` record of [N, T, ...] arrays of dtype ``ftype``.
 
-    alpha = exp(log_alpha); log_alpha and beta stay None where the backbone has none.
+    alpha = exp(log_alpha); alpha and beta stay None where the backbone has none.
     """
-    tokens = [None if x is None else to_streams(xp, xp.astype(x, ftype))
-              for x in (q, k, v, lam, log_alpha, beta)]
-    if tokens[4] is not None:
-        tokens[4] = xp.exp(tokens[4])
-    return tuple(tokens)
+    streams = [None if x is None else to_streams(xp, xp.astype(x, ftype))
+               for x in (q, k, v, lam, log_alpha, beta)]
+    if streams[4] is not None:
+        streams[4] = xp.exp(streams[4])
+    return Tokens(*streams)
 
 
 def trace_to_streams(xp, trace):
@@ -133,40 +127,38 @@ def replay(xp, trace, B, T, H, opts):
 def scan(xp, tokens, cache, opts, decide_at):
     """Run ``step`` over t = 0 ... T-1 for N streams.
 
-    tokens: (q, k, v, lam, alpha, beta), each [N, T, ...] or None.
+    tokens: a ``Tokens`` record, each field [N, T, ...] or None.
     decide_at(t) -> the policy for token t (see ``step``).
-    Returns (cache, o [N, T, Dv], (scores, boundary, merged) each [N, T],
-    density_margin [N, T]).
+    Returns (cache, o [N, T, Dv], (scores, boundary, merged) each [N, T]).
     """
-    T = tokens[0].shape[1]
-    outputs, scores, boundaries, merges, margins = [], [], [], [], []
+    T = tokens.q.shape[1]
+    outputs, scores, boundaries, merges = [], [], [], []
     for t in range(T):
-        token = tuple(None if x is None else x[:, t, ...] for x in tokens)
-        cache, o, score, b, j, margin = step(xp, cache, token, opts, decide_at(t))
+        token = Tokens(*(None if x is None else x[:, t, ...] for x in tokens))
+        cache, o, score, b, j = step(xp, cache, token, opts, decide_at(t))
         outputs.append(o)
         scores.append(score)
         boundaries.append(b)
         merges.append(j)
-        margins.append(margin)
     stack = lambda xs: xp.stack(xs, axis=1)  # noqa: E731
-    return (cache, stack(outputs), (stack(scores), stack(boundaries), stack(merges)),
-            stack(margins))
+    return cache, stack(outputs), (stack(scores), stack(boundaries), stack(merges))
 
 
 def forced_decision(xp, boundary, merged, t, opts):
     """A policy that replays given decisions, after checking that they fit the cache.
 
-    boundary [N] bool, merged [N] int for token t. Rules (SPEC §3): an empty cache
-    must open a slot; with K = 1 no later token may; a merge (j >= 0) happens iff
-    the token opens a slot while the cache is full, and then 0 <= j <= K-2.
+    boundary [N] bool, merged [N] int for token t. Rules (docs/spec/trace.md): an
+    empty cache must open a slot; where the decision is not free (``decision_is_free``:
+    K = 1) no later token may; a merge (j >= 0) happens iff the token opens a slot
+    while the cache is full, and then 0 <= j <= K-2.
     """
     K = opts.capacity
 
     def decide(score, m, n, info):
-        must_merge = boundary & (m == K) & (K > 1)
+        must_merge = boundary & (m == K) & decision_is_free(m, K)
         problems = (
             (m == 0) & ~boundary,
-            (m > 0) & boundary & (K == 1),
+            (m > 0) & boundary & ~decision_is_free(m, K),
             must_merge & ((merged < 0) | (merged > K - 2)),
             ~must_merge & (merged != -1),
         )

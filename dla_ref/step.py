@@ -1,4 +1,4 @@
-"""One step of DLA (SPEC §3), one function per idea.
+"""One step of DLA, one function per idea (docs/spec/, the pages linked from docs/index.md).
 
 Every function acts on N independent streams at once and is written against the
 array API (``xp`` is the namespace of the inputs). Shapes use the names of
@@ -6,7 +6,7 @@ array API (``xp`` is the namespace of the inputs). Shapes use the names of
 ``where`` over fixed-shape arrays, never by indexing with data, so the code runs
 under ``array_api_strict`` and on torch tensors as well as NumPy.
 
-The step, for token t of every stream (SPEC §3):
+The step, for token t of every stream:
 
     1. S_i <- G_t S_i                                   transition
     2. I_t  = ||R(a) - R(S_open)|| / (||R(S_open)|| + eps)   information_score
@@ -15,6 +15,9 @@ The step, for token t of every stream (SPEC §3):
     5. b_t = 1: merge the least dense pair if full,     merge_choice, merge_adjacent
                 then open a slot with s_t               append
     6. o_t  = sum_{i<m} lambda_t[l(i)] q_t^T S_i        readout
+
+Steps 3 and 5 are the policy (``dla_decision``; ``fixed_decision`` for the fixed(C)
+baseline; a replayed trace); the rest is the same for every policy.
 """
 
 from __future__ import annotations
@@ -130,16 +133,28 @@ def information_score_from_scalars(xp, ss, SS, sS, size, opts: Options):
 # --- 3. boundary --------------------------------------------------------------
 
 
+def decision_is_free(m, capacity):
+    """Where a policy chooses b_t: the cache is non-empty and K >= 2.   [N] bool
+
+    Elsewhere the rules decide (``admit_boundary``): a stream's first token opens a
+    slot, and with capacity K = 1 no pair can ever be merged, so no later token opens
+    one: DLA with K = 1 is the single-state backbone (docs/spec/boundaries.md). This
+    is the one place the K = 1 rule is written.
+    """
+    return (m > 0) & (capacity > 1)
+
+
+def admit_boundary(xp, wish, m, capacity):
+    """b_t: a policy's ``wish`` [N] bool where ``decision_is_free``, else b_t = [m = 0]."""
+    return xp.where(decision_is_free(m, capacity), wish, m == 0)
+
+
 def is_boundary(xp, score, m, opts: Options):
     """b_t = [m = 0] or [I_t >= tau]   (note >=; tau = +inf never, -inf always)   [N] bool.
 
-    With capacity K = 1 no pair can ever be merged, so only the first token of a
-    stream opens a slot: DLA with K = 1 is the single-state backbone (SPEC §3.5c).
+    With K = 1 only the first token opens a slot (``decision_is_free``).
     """
-    empty = m == 0
-    if opts.capacity == 1:
-        return empty
-    return empty | (score >= opts.tau)
+    return admit_boundary(xp, score >= opts.tau, m, opts.capacity)
 
 
 # --- 5a. capacity-bounded merging ---------------------------------------------
@@ -159,15 +174,17 @@ def pair_density(xp, n, info):
 def merge_choice(xp, n, info, m, boundary, capacity):
     """The pair to merge before a new slot is opened, or -1.   [N] int
 
-    A merge happens iff b_t = 1 and the cache is full (m = K, K >= 2). Then
+    A merge happens iff b_t = 1 and the cache is full (m = K). Then
     j = argmin_{j in 0..K-2} (J_j + J_{j+1}) / (n_j + n_{j+1}); ties go to the
     smallest j (the oldest pair), which is what the array API's argmin returns.
-    The open state takes part (pair K-2, K-1); the new token does not.
+    The open state takes part (pair K-2, K-1); the new token does not. With K = 1
+    there is no pair, and no boundary meets a full cache (``decision_is_free``).
     """
     none = xp.full_like(m, -1)
-    if capacity == 1:
+    density = pair_density(xp, n, info)
+    if density.shape[1] == 0:  # K = 1: argmin over no pairs is undefined
         return none
-    j = xp.astype(xp.argmin(pair_density(xp, n, info), axis=-1), m.dtype)
+    j = xp.astype(xp.argmin(density, axis=-1), m.dtype)
     return xp.where(boundary & (m == capacity), j, none)
 
 
@@ -237,12 +254,13 @@ def step(xp, cache, token, opts: Options, decide):
     """One token for N streams: transition, score, decide, merge, write, read out.
 
     cache  (S [N,K,Dk,Dv], n [N,K] int, info [N,K], m [N] int)   -- streams, not [B,H]
-    token  (q [N,Dk], k [N,Dk], v [N,Dv], lam [N,K], alpha [N] | None, beta [N] | None)
+    token  a ``Tokens`` record of one token: q [N,Dk], k [N,Dk], v [N,Dv], lam [N,K],
+           alpha [N] | None, beta [N] | None
     decide (score, m, n, info) -> (boundary [N] bool, merged [N] int): the partition
-           policy. ``dla_decision`` is DLA's; a forced trace or a fixed schedule are others.
-    Returns (cache', o [N, Dv], score [N], boundary [N], merged [N], density_margin [N]),
-    where density_margin is the chosen pair's density minus the smallest one (0 if
-    the choice was DLA's own, +inf-free; 0 where no merge happened).
+           policy (``dla_decision``, ``fixed_decision``, a replayed trace). Its
+           arguments are the per-stream facts a policy may read, each [N] or [N, K];
+           a new fact is one more trailing argument.
+    Returns (cache', o [N, Dv], score [N], boundary [N], merged [N]).
     """
     S, n, info, m = cache
     q, k, v, lam, alpha, beta = token
@@ -250,10 +268,9 @@ def step(xp, cache, token, opts: Options, decide):
     S = transition(xp, S, k, alpha, beta, opts.backbone)
     s = contribution(xp, k, v, beta, opts.backbone)
     score = information_score(xp, s, open_state(xp, S, m), opts)
-    score = xp.where(m > 0, score, xp.zeros_like(score))  # I_0 := 0 (SPEC §3.3)
+    score = xp.where(m > 0, score, xp.zeros_like(score))  # I_0 := 0 (docs/spec/boundaries.md)
 
     boundary, merged = decide(score, m, n, info)
-    margin = density_margin(xp, n, info, merged)
 
     S = merge_adjacent(xp, S, merged)
     n = merge_adjacent(xp, n, merged)
@@ -266,7 +283,10 @@ def step(xp, cache, token, opts: Options, decide):
     m = m + xp.astype(boundary, m.dtype)
 
     o = readout(xp, q, S, slot_weights(xp, lam, m, opts.slots))
-    return (S, n, info, m), o, score, boundary, merged, margin
+    return (S, n, info, m), o, score, boundary, merged
+
+
+# --- policies: decide(score, m, n, info) -> (boundary, merged) -----------------
 
 
 def dla_decision(xp, opts: Options):
@@ -279,19 +299,16 @@ def dla_decision(xp, opts: Options):
     return decide
 
 
-def density_margin(xp, n, info, merged):
-    """How much denser the merged pair is than the least dense one (>= 0), [N].
+def fixed_decision(xp, opts: Options, chunk: int):
+    """The fixed(C) policy: a slot opens when the tokens summarised so far are a multiple of C.
 
-    0 where no merge happened. Used by the admissibility check (SPEC §4) to judge a
-    merge index that another implementation chose.
+    sum_i n_i counts the tokens of an initial cache too; the merge is DLA's density
+    merge, so the scores still matter (docs/spec/baselines.md).
     """
-    zero = xp.zeros(merged.shape, dtype=info.dtype, device=device(info))
-    if n.shape[1] < 2:
-        return zero
-    density = pair_density(xp, n, info)
-    pair = xp.arange(density.shape[1], dtype=merged.dtype, device=device(merged))
-    chosen_mask = pair[None, :] == merged[:, None]
-    chosen = xp.sum(xp.where(chosen_mask, density, xp.zeros_like(density)), axis=1)
-    smallest = xp.min(density, axis=1)
-    # a forced merge of a pair touching an unused slot has density inf: keep it visible
-    return xp.where(merged >= 0, chosen - smallest, zero)
+
+    def decide(score, m, n, info):
+        due = xp.sum(n, axis=1) % chunk == 0
+        boundary = admit_boundary(xp, due, m, opts.capacity)
+        return boundary, merge_choice(xp, n, info, m, boundary, opts.capacity)
+
+    return decide
