@@ -253,6 +253,7 @@ def information_score(S_open, s, opts, entries):
 
     S_open, s [N, BLOCK, Rc, Rr]; A = s (token) or S_open + s (state); R scales by
     1 / sqrt(sum X^2 / entries + eps) when normalizing, else by 1. -> [N]
+    Normalized scores are clamped at 2 (docs/spec/information-score.md).
     """
     A = S_open + s if opts.score == "state" else s
     one = np.ones(S_open.shape[0], S_open.dtype)
@@ -264,7 +265,20 @@ def information_score(S_open, s, opts, entries):
     RA = A / scale_A[:, None, None, None]
     RS = S_open / scale_S[:, None, None, None]
     sum_diff, sum_RS = block_sum_pair(thread_sum((RA - RS) * (RA - RS)), thread_sum(RS * RS))
-    return np.sqrt(sum_diff) / (np.sqrt(sum_RS) + opts.eps)
+    score = np.sqrt(sum_diff) / (np.sqrt(sum_RS) + opts.eps)
+    return np.minimum(score, 2).astype(score.dtype) if opts.normalize else score
+
+
+def zero_contribution(k_rows, v_cols, beta, backbone):
+    """Whether s_t is exactly zero: beta_t = 0 (gdn), k_t = 0 or v_t = 0, on the inputs.
+
+    k_rows [N, BLOCK, 1, Rr], v_cols [N, BLOCK, Rc, 1]: the threads' own rows and columns,
+    which together cover k and v (``__syncthreads_or`` over the block). -> [N] bool
+    """
+    zero_k = ~np.any(k_rows != 0, axis=(1, 2, 3))
+    zero_v = ~np.any(v_cols != 0, axis=(1, 2, 3))
+    zero_beta = beta == 0 if backbone == "gdn" else np.zeros_like(zero_k)
+    return zero_beta | zero_k | zero_v
 
 
 def merge_adjacent(x, j):
@@ -283,11 +297,13 @@ def merge_adjacent(x, j):
     return out
 
 
-def decide(score, m, n_s, info_s, forced_t, opts):
+def decide(score, silent, m, n_s, info_s, forced_t, opts):
     """Thread 0 of every block: boundary, merge, and the bookkeeping of the write.
 
-    score, m [N]; n_s, info_s [N, K]; forced_t = (boundary [N], merged [N]) or None.
-    b = [m = 0] or [K > 1 and I >= tau] (tau compared in float64); if b and m = K >= 2,
+    score, silent (a zero contribution), m [N]; n_s, info_s [N, K]; forced_t =
+    (boundary [N], merged [N]) or None.
+    b = [m = 0] or [K > 1 and not silent and I >= tau] (tau compared in float64); if b
+    and m = K >= 2,
     j = the first minimum of the pair densities, scanned upwards with strict <.
     Returns (target slot, m, b, j, n_s, info_s) after the token's write.
     """
@@ -295,7 +311,7 @@ def decide(score, m, n_s, info_s, forced_t, opts):
     if forced_t is not None:
         b, j = forced_t
     else:
-        b = (m == 0) | ((K > 1) & (score.astype(np.float64) >= opts.tau))
+        b = (m == 0) | ((K > 1) & ~silent & (score.astype(np.float64) >= opts.tau))
         j = np.full_like(m, -1)
         if K > 1:
             best = np.zeros_like(score)
@@ -370,9 +386,12 @@ def launch(tokens, cache, forced, opts):
         S = transition(S, m_s, k_rows, alpha_t, beta_t, own, opts, Dv)
         s = contribution(k_rows, v_cols, beta_t, opts.backbone)
         S_open = S[np.arange(N), np.maximum(m_s - 1, 0)]
-        score = np.where(m_s > 0, information_score(S_open, s, opts, entries), 0).astype(dtype)
+        silent = (m_s > 0) & zero_contribution(k_rows, v_cols, beta_t, opts.backbone)
+        scored = (m_s > 0) & ~silent  # else I_t := 0 (empty cache, zero contribution)
+        score = np.where(scored, information_score(S_open, s, opts, entries), 0).astype(dtype)
         forced_t = None if forced is None else (forced[0][:, t], forced[1][:, t])
-        target, m_s, b, j, n_s, info_s = decide(score, m_s, n_s, info_s, forced_t, opts)
+        target, m_s, b, j, n_s, info_s = decide(score, silent, m_s, n_s, info_s, forced_t,
+                                                opts)
         S = write_token(merge_adjacent(S, j), target, s)
         o[:, t] = readout(S, m_s, q_rows, lam[:, t], own, opts, Dv)
         scores[:, t], boundary[:, t], merged[:, t] = score, b, j

@@ -1,47 +1,19 @@
-"""The Numba backend: DLA's recurrent scan (SPEC §3), compiled, parallel over streams.
+"""The Numba backend ("numba"): DLA's recurrent scan, compiled, parallel over streams.
 
 One stream is scanned token by token by compiled code (``numba.njit``); the N = B*H
-streams run in parallel with ``prange``. Streams are independent, so the result does
-not depend on the number of threads. Validated against ``dla_ref.dla`` in
-tests/test_numba_backend.py and the differential suite before it is timed.
+streams run in parallel with ``prange``, independently, so the result does not depend
+on the number of threads. The state is kept in the inputs' dtype (float32 or float64);
+the score comes from three scalars accumulated in float64. No fastmath: the reference
+relies on IEEE semantics (tau = +-inf, exact ties) and reductions keep a fixed order.
+The host side (checks, layout, forced traces, the result) is ``dla_backends.host``.
 
-Versions:
-- v1 (commit d3907ef): a direct port of ``dla_ref.step``, one sweep per step; a merge
-  shifted the later slot states left in place.
-- v2 (this file, the shipped and tested version): the same operations on the same
-  values, in two cheaper arrangements, bitwise equal to v1:
-  (a) token t's readout and token t+1's transition are done in one sweep over the
-      slots, so each slot is loaded from memory once per token, not twice;
-  (b) slot i of the cache lives in buffer ``order[i]``: a merge adds buffer
-      order[j+1] into order[j] and moves the K ints of ``order``, O(Dk Dv), where
-      shifting the states moved up to K Dk Dv numbers. The buffers are put back in
-      slot order once, at the end.
-  Measured on a shared 2-core CPU, 1 thread, d = 64, K = 30, every token merging:
-  1.5-1.8x over v1 in float64, 1.2-1.5x in float32 (numbers in the v2 commit).
+Versions (each bitwise equal to the one before; the shipped one is tested):
+- v1: a direct port of ``dla_ref.step``, one sweep per step; a merge shifted the later
+  slot states left in place (no longer in the tree).
+- v2 (shipped): token t's readout and token t+1's transition in one sweep over the slots,
+  and slot i held in buffer ``order[i]``, so a merge moves K ints instead of K states.
 
-Where it departs from the letter of the reference, and why:
-
-- The state is kept in the input dtype (float32 or float64), not in float64.
-- A stream's cache is private scratch of fixed shape (S [K, Dk, Dv], n [K], info [K],
-  m, order [K]), updated in place.
-- Only the m used slots are transitioned and read: unused slots are zero, and G_t and
-  the readout map zero to zero, so skipping them changes nothing.
-- The score is computed from three scalars (SPEC §7) instead of from s_t itself:
-  ||A||^2, ||B||^2 and <A, B>, with B = S_open and A = s_t or S_open + s_t. They are
-  accumulated in float64 whatever the state dtype, because the expanded norm
-  ||aA - bB||^2 = a^2 ||A||^2 - 2ab <A, B> + b^2 ||B||^2 cancels when A is nearly
-  parallel to B: float32 terms would leave an error of ~sqrt(float32 eps) ~ 3e-4 in a
-  small I_t; float64 terms leave ~1e-8.
-- Pair densities are divided in float64, which is exact for the counts and at least
-  as accurate as the state dtype.
-- linear and mamba2 take beta_t = 1 (so s_t = beta_t k_t v_t^T covers all three
-  backbones with one code path; multiplying by 1 is exact), and linear never
-  touches alpha_t.
-
-No fastmath: the reference relies on IEEE semantics (tau = +inf never opens a slot,
--inf always does; comparisons and ties are exact), and reductions keep a fixed order.
-Inner loops run over the contiguous Dv axis with no loop-carried dependence, so LLVM
-vectorizes them without reassociating anything.
+Design notes, departures from the reference and timings: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -49,70 +21,36 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dla_ref.parallel import partition_history
-from dla_ref.records import Result, Trace
-from dla_ref.recurrent import cache_from_streams, from_streams, prepare, trace_to_streams
-from dla_ref.validation import check_options, check_trace_shape
+from dla_backends import host
 
 LINEAR, MAMBA2, GDN = 0, 1, 2
 BACKBONE_CODE = {"linear": LINEAR, "mamba2": MAMBA2, "gdn": GDN}
-STATE_DTYPES = (np.float32, np.float64)
 
 
-def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
-        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
-        trace=None, initial_cache=None) -> Result:
-    """``dla_ref.dla`` compiled: same arguments, checks, errors and result.
+def dla(q, k, v, lam, **options):
+    """``dla_ref.dla`` compiled, on NumPy arrays: the same keywords, checks, errors and
+    result. S, info, the scores and o are in the inputs' result dtype (float32/float64)."""
+    return host.run(launch, q, k, v, lam, backend="numba", **options)
 
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K]; log_alpha, beta [B, T, H]
-    (NumPy arrays). The state, the outputs and the scores are in q's dtype, which must
-    be float32 or float64 (other inputs are cast to it). A forced ``trace`` is checked
-    against the (initial) cache before the scan, with the reference's ValueError.
-    """
-    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
-                         normalize=normalize, slots=slots, eps=eps)
-    dtype = state_dtype(q)
-    xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
-                                           initial_cache, dtype)
-    N, K = B * H, opts.capacity
+
+def launch(call: host.Call) -> host.Launched:
+    """``scan_streams`` on contiguous streams; it writes the call's own cache in place."""
+    (N, T), dtype = call.streams, call.state_dtype
     # alpha = 1 (linear) and beta = 1 (linear, mamba2) where the backbone has none
-    q, k, v, lam, alpha, beta = (
-        np.ones((N, T), dtype) if x is None else np.ascontiguousarray(x) for x in tokens)
-    # The scan merges in place: give it copies, never the caller's initial cache.
-    S, n, info, m = (np.array(x, order="C") for x in cache)
-
-    if trace is None:
+    q, k, v, lam, alpha, beta = (np.ones((N, T), dtype) if x is None else
+                                 np.ascontiguousarray(x) for x in call.tokens)
+    S, n, info, m = (np.ascontiguousarray(x) for x in call.cache)
+    if call.forced is None:
         boundary, merged = np.zeros((N, T), np.bool_), np.full((N, T), -1, np.int64)
     else:
-        check_trace_shape(xp, trace, B, T, H)
-        boundary, merged = (np.array(x, order="C") for x in trace_to_streams(xp, trace))
-        partition_history(xp, boundary, merged, K, n=n, m=m)  # raises if it does not fit
-
+        boundary, merged = call.forced
     o = np.empty((N, T, v.shape[2]), dtype)
     scores = np.empty((N, T), dtype)
+    opts = call.opts
     scan_streams(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
-                 trace is not None, BACKBONE_CODE[opts.backbone], opts.score == "state",
+                 call.forced is not None, BACKBONE_CODE[opts.backbone], opts.score == "state",
                  opts.normalize, opts.slots == "newest-first", opts.tau, opts.eps)
-    return Result(
-        o=from_streams(xp, o, B, H),
-        cache=cache_from_streams(xp, (S, n, info, m), B, H),
-        trace=Trace(*(from_streams(xp, x, B, H) for x in (scores, boundary, merged))),
-    )
-
-
-def state_dtype(q):
-    """The dtype the scan computes in: q's, float32 or float64.
-
-    A q that is not a floating array is passed on as float64, so that the reference's
-    checks (in ``prepare``) reject it with their own message.
-    """
-    dtype = getattr(q, "dtype", None)
-    if not isinstance(q, np.ndarray) or not np.issubdtype(dtype, np.floating):
-        return np.float64
-    if dtype not in STATE_DTYPES:
-        raise TypeError(f"the numba backend computes in q's dtype, which must be float32 "
-                        f"or float64, got {dtype}")
-    return dtype
+    return host.Launched(o, (S, n, info, m), (scores, boundary, merged))
 
 
 # --- the scan: all streams in parallel, one stream token by token --------------------
@@ -153,13 +91,16 @@ def scan_stream(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, m
     terms = np.empty((2, Dv), np.float64)  # per-column partial sums of the score terms
     transition(S, order, m, k[0], alpha[0], beta[0], backbone, kS)
     for t in range(T):
-        if m > 0:
+        silent = zero_contribution(k[t], v[t], beta[t])
+        if m > 0 and not silent:
             scores[t] = information_score(S[order[m - 1]], k[t], v[t], beta[t],
                                           state_score, normalize, eps, terms)
         else:
-            scores[t] = 0.0  # I_0 := 0: the first token of an empty cache (SPEC §3.3)
+            # I_0 := 0 for the first token of an empty cache, and I_t := 0 for a zero
+            # contribution (docs/spec/information-score.md)
+            scores[t] = 0.0
         if not forced:
-            boundary[t] = is_boundary(scores[t], m, K, tau)
+            boundary[t] = is_boundary(scores[t], m, K, tau, silent)
             merged[t] = merge_choice(n, info, m, K, boundary[t])
         if merged[t] >= 0:
             merge_adjacent(S, order, n, info, merged[t], m)
@@ -237,11 +178,7 @@ def information_score(S_open, k, v, beta, state_score, normalize, eps, terms):
     handles the empty cache (I_0 := 0).
     """
     ss, SS, sS = score_terms(S_open, k, v, beta, terms)
-    if state_score:  # A = S + s: expand its norm and its product with B = S
-        AA, AB = SS + 2.0 * sS + ss, SS + sS
-    else:
-        AA, AB = ss, sS
-    return score_from_terms(AA, SS, AB, S_open.size, normalize, eps)
+    return score_from_scalars(ss, SS, sS, S_open.size, state_score, normalize, eps)
 
 
 @njit(cache=True)
@@ -273,32 +210,53 @@ def score_terms(S_open, k, v, beta, terms):
 
 
 @njit(cache=True)
-def score_from_terms(AA, BB, AB, size, normalize, eps):
-    """||R(A) - R(B)||_F / (||R(B)||_F + eps) from ||A||^2, ||B||^2, <A, B>.
+def score_from_scalars(ss, SS, sS, size, state_score, normalize, eps):
+    """I_t from ||s||^2, ||S||^2, <S, s>: ``dla_ref.step.information_score_from_scalars``.
 
-    With a = 1 / sqrt(||A||^2 / size + eps) and b likewise (a = b = 1 without
-    normalization): ||aA - bB||^2 = a^2 ||A||^2 - 2ab <A, B> + b^2 ||B||^2 and
-    ||R(B)|| = b ||B||. The expansion can round below zero when A is parallel to B;
-    the true value is then 0.
+    With r_X = 1 / sqrt(||X||^2 / size + eps) (1 without normalization), the squared
+    numerator is, for score="token" (A = s),
+        r_A^2 ||s||^2 - 2 r_A r_B <S, s> + r_B^2 ||S||^2        (rounds below 0 -> 0)
+    and for score="state" (A = S + s), with P = ||A||^2 - ||S||^2 = 2 <S, s> + ||s||^2
+    and d = r_A - r_B = -(P / size) r_A^2 r_B^2 / (r_A + r_B), free of cancellation:
+        d^2 ||S||^2 + 2 d r_A <S, s> + r_A^2 ||s||^2.
+    Normalized scores are clamped at 2 (docs/spec/information-score.md).
     """
+    if state_score:
+        P = 2.0 * sS + ss
+        AA = SS + P
+    else:
+        AA = ss
     if normalize:
         a = 1.0 / np.sqrt(AA / size + eps)
-        b = 1.0 / np.sqrt(BB / size + eps)
+        b = 1.0 / np.sqrt(SS / size + eps)
     else:
         a, b = 1.0, 1.0
-    diff = a * a * AA - 2.0 * a * b * AB + b * b * BB
-    return np.sqrt(max(diff, 0.0)) / (b * np.sqrt(BB) + eps)
+    if state_score:
+        d = -(P / size) * (a * a) * (b * b) / (a + b) if normalize else 0.0
+        radicand = d * d * SS + 2.0 * d * a * sS + a * a * ss
+    else:
+        radicand = a * a * ss - 2.0 * a * b * sS + b * b * SS
+    score = np.sqrt(max(radicand, 0.0)) / (b * np.sqrt(SS) + eps)
+    return min(score, 2.0) if normalize else score
 
 
 # --- 3. boundary, 5a. merge choice -----------------------------------------------
 
 
 @njit(cache=True)
-def is_boundary(score, m, K, tau):
-    """b_t = [m = 0] or [I_t >= tau] (note >=); with K = 1 only the first token opens a slot."""
+def is_boundary(score, m, K, tau, silent):
+    """b_t = [m = 0] or [I_t >= tau] (note >=); with K = 1 only the first token opens a
+    slot, and a zero contribution (``silent``) is absorbed whenever m > 0, whatever tau."""
     if m == 0:
         return True
-    return K > 1 and score >= tau
+    return K > 1 and not silent and score >= tau
+
+
+@njit(cache=True)
+def zero_contribution(k, v, beta):
+    """s_t = beta_t k_t v_t^T is exactly zero: beta_t = 0, k_t = 0 or v_t = 0 (the
+    inputs, not their product, which can underflow). k [Dk], v [Dv]."""
+    return beta == 0 or not np.any(k) or not np.any(v)
 
 
 @njit(cache=True)
