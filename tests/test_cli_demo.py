@@ -40,7 +40,7 @@ def test_demo_stream_has_its_change_points_and_needles():
 def test_demo_rejects_a_too_short_stream():
     run = subprocess.run([sys.executable, "-m", "dla_backends", "demo", "--length", "10"],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "--length must be >= 64" in run.stderr
+    assert run.returncode == 2 and "--length" in run.stderr and "must be >= 64" in run.stderr
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,38 +1,59 @@
 """``dla check --backend NAME``: the differential suite for one backend, with a summary.
 
+    dla check --backend numba                 20 drawn cases per backbone, seed 0
+    dla check --backend torch@cuda --examples 200 --seed 7
+
 Runs a fixed, seeded set of cases through the checks of ``dla_backends.testing`` (the
 same ones as tests/test_differential.py): the named regression cases, then EXAMPLES
 drawn cases per backbone. Prints one row per group (cases, passed, failed, skipped as
 not applicable, the largest share of a tolerance budget used), the failures with their
-reproducers, and exits 1 if any case failed (2 if the backend cannot run here).
+reproducers, and exits 1 if any case failed, 2 if the name is unknown or the backend
+cannot run here. The names are the kit's table (``dla_backends.testing.BACKENDS``),
+written NAME[/NAMESPACE][@DEVICE][:DTYPE].
+
+docs/testing-your-kernel.md explains the checks and the tolerances.
 """
 
 from __future__ import annotations
+
+import sys
 
 BACKBONES = ("linear", "mamba2", "gdn")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--backend", required=True,
-                        help="a test backend: numpy, array_api_strict, reference-torch, numba, "
-                             "torch, torch-chunked, triton, cupy, cuda-model (torch-based "
-                             "ones take @cpu or @cuda, e.g. triton@cuda)")
-    parser.add_argument("--examples", type=int, default=20, metavar="N",
+    from .. import testing
+    from . import count
+
+    parser.add_argument("--backend", required=True, type=backend_name,
+                        help=f"a test backend: {', '.join(testing.BACKENDS)}, written "
+                             "NAME[/NAMESPACE][@DEVICE][:DTYPE], e.g. triton@cuda:float16")
+    parser.add_argument("--examples", type=count(0), default=20, metavar="N",
                         help="drawn cases per backbone (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn cases (default 0)")
+    parser.add_argument("--seed", type=count(0), default=0,
+                        help="seed of the drawn cases (default 0)")
+
+
+def backend_name(text: str) -> str:
+    """A name the kit's table knows (else a usage error listing the known ones)."""
+    import argparse
+
+    from .. import testing
+
+    try:
+        testing.get_backend(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def run(args) -> int:
     from .. import testing
 
     testing.interpret_triton_without_cuda()
-    try:
-        ok, why = testing.availability(args.backend)
-    except ValueError as exc:
-        print(f"dla check: {exc}")
-        return 2
+    ok, why = testing.availability(args.backend)
     if not ok:
-        print(f"dla check: backend {args.backend} cannot run here: {why}")
+        print(f"dla check: backend {args.backend} cannot run here: {why}", file=sys.stderr)
         return 2
     return check_candidate(testing.get_backend(args.backend), args.seed, args.examples)
 
