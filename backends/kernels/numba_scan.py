@@ -84,9 +84,21 @@ def scan_stream(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, m
     Step 1 (transition) of token t+1 is done slot by slot together with step 6
     (readout) of token t, which reads the same states just before.
     """
+    order = np.arange(S.shape[0])  # slot i is held by buffer order[i]
+    m = scan_in_buffers(q, k, v, lam, alpha, beta, S, order, n, info, m, o, scores, boundary,
+                        merged, forced, backbone, state_score, normalize, newest_first, tau,
+                        eps)
+    put_in_slot_order(S, order)
+    return m
+
+
+@njit(cache=True)
+def scan_in_buffers(q, k, v, lam, alpha, beta, S, order, n, info, m, o, scores, boundary,
+                    merged, forced, backbone, state_score, normalize, newest_first, tau, eps):
+    """``scan_stream`` with slot i held in buffer order[i] before and after (order [K],
+    updated in place), so that S is left in buffer order.   -> m after token T-1"""
     T = q.shape[0]
     K, _, Dv = S.shape
-    order = np.arange(K)  # slot i is held by buffer order[i]
     qS, kS = np.empty(Dv, S.dtype), np.empty(Dv, S.dtype)  # q^T S_i, k^T S_i
     terms = np.empty((2, Dv), np.float64)  # per-column partial sums of the score terms
     transition(S, order, m, k[0], alpha[0], beta[0], backbone, kS)
@@ -110,7 +122,6 @@ def scan_stream(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, m
         readout_then_transition(q[t], lam[t], newest_first, o[t], S, order, m, k[u],
                                 alpha[u], beta[u], backbone if t + 1 < T else LINEAR,
                                 qS, kS)
-    put_in_slot_order(S, order)
     return m
 
 
@@ -413,3 +424,23 @@ def copy_into(X, Y):
     for a in range(Dk):
         for b in range(Dv):
             X[a, b] = Y[a, b]
+
+
+# --- decoding: one token per call, the buffers kept in their order between calls ----------
+
+
+@njit(cache=True, parallel=True)
+def decode_streams(q, k, v, lam, alpha, beta, S, order, n, info, m, o, scores, boundary,
+                   merged, backbone, state_score, normalize, newest_first, tau, eps):
+    """One token (T = 1) of every stream, in place, for dla_backends.decoder.
+
+    As ``scan_streams`` with T = 1, except that slot i of stream s stays in buffer
+    order[s, i] (order [N, K]): a merge moves K ints and no state, where putting the
+    buffers back in slot order after every token would copy the whole cache twice.
+    ``put_in_slot_order(S[s], order[s])`` restores slot order when the cache is read.
+    """
+    for i in prange(q.shape[0]):
+        m[i] = scan_in_buffers(q[i], k[i], v[i], lam[i], alpha[i], beta[i], S[i], order[i],
+                               n[i], info[i], m[i], o[i], scores[i], boundary[i], merged[i],
+                               False, backbone, state_score, normalize, newest_first, tau,
+                               eps)
