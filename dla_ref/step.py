@@ -86,48 +86,116 @@ def rms_normalize(xp, X, eps):
 
 
 def information_score(xp, s, S_open, opts: Options):
-    """I_t = ||R(A) - R(S_open)||_F / (||R(S_open)||_F + eps)     [N]
+    """I_t = min(||R(A) - R(S_open)||_F / (||R(S_open)||_F + eps), 2)     [N]
 
     A = s_t (score="token", the default) or S_open + s_t (score="state");
-    R = rms_normalize if opts.normalize, else the identity.
-    S_open is the open state after the transition. The value is meaningless for a
-    stream with no open slot (m = 0); ``step`` replaces it by 0 there.
+    R = rms_normalize if opts.normalize, else the identity (and then no clamp).
+    S_open is the open state after the transition. The clamp changes nothing where
+    mean(S_open^2) >> eps (the score is at most 2 there: opposite directions); above 2
+    the score is only against a vanished open state, where it reaches sqrt(Dk Dv) / eps
+    and is set by rounding noise (docs/spec/information-score.md). The value is
+    meaningless where m = 0 or the contribution is zero; ``step`` sets I_t := 0 there.
     """
     A = s if opts.score == "token" else S_open + s
     if opts.normalize:
         A, S_open = rms_normalize(xp, A, opts.eps), rms_normalize(xp, S_open, opts.eps)
-    return frobenius(xp, A - S_open) / (frobenius(xp, S_open) + opts.eps)
+    return clamp_score(xp, frobenius(xp, A - S_open) / (frobenius(xp, S_open) + opts.eps), opts)
+
+
+MAX_SCORE = 2.0  # the largest normalized score: R(A) = -R(B)
+
+
+def clamp_score(xp, score, opts: Options):
+    """min(I_t, 2) if opts.normalize, else I_t (a raw ratio has no upper bound).   [N]"""
+    if not opts.normalize:
+        return score
+    return xp.minimum(score, xp.full_like(score, MAX_SCORE))
+
+
+def zero_contribution(xp, k, v, beta, backbone):
+    """Whether the token's contribution s_t is exactly zero: beta_t = 0 (gdn), k_t = 0
+    or v_t = 0.   k [N, Dk], v [N, Dv], beta [N] -> [N] bool
+
+    Tested on the inputs, not on s_t, whose entries can underflow to 0 while the
+    inputs are not 0. Such a token is absorbed with I_t := 0 when m > 0 (``step``,
+    ``absorb_zero_contributions``; docs/spec/information-score.md).
+    """
+    zero = ~xp.any(k != 0, axis=-1) | ~xp.any(v != 0, axis=-1)
+    return zero | (beta == 0) if backbone == "gdn" else zero
 
 
 def information_score_from_scalars(xp, ss, SS, sS, size, opts: Options):
-    """I_t from three scalars per stream (SPEC §7); equals ``information_score``.   [N]
+    """I_t from three scalars per stream; equals ``information_score``.   [N]
 
     ss = ||s_t||_F^2, SS = ||S_open||_F^2, sS = <S_open, s_t>_F, each [N];
     size = Dk * Dv, the number of entries R averages over. For s_t = beta_t k_t v_t^T
     the scalars are beta^2 ||k||^2 ||v||^2, ||S_open||^2 and beta k^T S_open v, so a
     chunked scan can decide boundaries without forming a Dk x Dv difference per token.
-    With B = S_open and A = s_t (score="token") or S_open + s_t (score="state"):
+    With B = S_open, A = s_t or B + s_t, r_X = 1 / sqrt(||X||^2 / size + eps) (1 if
+    not normalize), the three terms of ``score_terms`` add up to ||r_A A - r_B B||^2:
 
-        ||A||^2 = ss or SS + 2 sS + ss,      <A, B> = sS or SS + sS
-        r_X     = 1 / sqrt(||X||^2 / size + eps)      (r_X = 1 if not normalize)
-        I_t     = sqrt(r_A^2 ||A||^2 - 2 r_A r_B <A, B> + r_B^2 ||B||^2) / (r_B ||B|| + eps)
+        I_t = min(sqrt(t_1 + t_2 + t_3) / (r_B ||B|| + eps), 2)    (no clamp if not normalize)
 
-    The expansion cancels where R(A) is close to R(B): there I_t carries an absolute
-    error of about sqrt(machine epsilon) (1e-8 in float64, 3e-4 in float32) and the
-    radicand can round below 0, which is read as 0. Near tau = 0.6 the error is of
-    the order of machine epsilon, as in the direct form.
+    In state mode the terms are small where the score is (no two nearly equal numbers
+    are subtracted); in token mode they are O(Dk Dv) and cancel where R(s_t) ~ R(B),
+    which no rearrangement of the three scalars avoids: there the rounding of <B, s_t>
+    itself is the error. ``score_error_bound`` states the error; the proof that this
+    equals the definition is proofs/score_identities.md.
     """
-    if opts.score == "token":
-        AA, AB = ss, sS
-    else:
-        AA, AB = SS + 2 * sS + ss, SS + sS
+    t1, t2, t3, den = score_terms(xp, ss, SS, sS, size, opts)
+    radicand = t1 + t2 + t3
+    distance = xp.sqrt(xp.maximum(radicand, xp.zeros_like(radicand)))  # rounding below 0
+    return clamp_score(xp, distance / den, opts)
+
+
+def score_terms(xp, ss, SS, sS, size, opts: Options):
+    """(t_1, t_2, t_3, den): ||r_A A - r_B B||^2 = t_1 + t_2 + t_3, den = r_B ||B|| + eps.
+
+    token (A = s):   r_A^2 ss,      -2 r_A r_B sS,     r_B^2 SS
+    state (A = B + s, so r_A A - r_B B = d B + r_A s with d = r_A - r_B):
+                     d^2 SS,        2 d r_A sS,        r_A^2 ss
+        where P = ||A||^2 - ||B||^2 = 2 sS + ss and, free of cancellation,
+        d = r_A - r_B = -(P / size) r_A^2 r_B^2 / (r_A + r_B)   (d = 0 if not normalize).
+    """
+    AA = ss if opts.score == "token" else SS + (2 * sS + ss)
     if opts.normalize:
         rA, rB = 1 / xp.sqrt(AA / size + opts.eps), 1 / xp.sqrt(SS / size + opts.eps)
     else:
         rA, rB = xp.ones_like(SS), xp.ones_like(SS)
-    radicand = rA * rA * AA - 2 * rA * rB * AB + rB * rB * SS
-    distance = xp.sqrt(xp.maximum(radicand, xp.zeros_like(radicand)))
-    return distance / (rB * xp.sqrt(SS) + opts.eps)
+    den = rB * xp.sqrt(SS) + opts.eps
+    if opts.score == "token":
+        return rA * rA * ss, -2 * rA * rB * sS, rB * rB * SS, den
+    d = -((2 * sS + ss) / size) * (rA * rA) * (rB * rB) / (rA + rB)
+    if not opts.normalize:
+        d = xp.zeros_like(SS)
+    return d * d * SS, 2 * d * rA * sS, rA * rA * ss, den
+
+
+def score_error_bound(xp, ss, SS, sS, size, opts: Options, dtype):
+    """How far ``information_score_from_scalars`` computed in ``dtype`` may be from I_t.
+
+    ss, SS, sS [N] as there (any accuracy; the bound is evaluated from them), size =
+    Dk * Dv, dtype the floating dtype the kernel forms the scalars and the formula in.
+    Returns (absolute [N], relative): |I_computed - I_t| <= absolute + relative * I_t,
+    where, with u = finfo(dtype).eps / 2, c = 4 + sqrt(size) and
+    E = (|t_1| + |t_2| + |t_3|) / den^2 (``score_terms``),
+
+        absolute = min(sqrt(c u E), c u E / I_t),     relative = 4 u.
+
+    c u E bounds the error of the radicand over den^2, which comes from the rounding
+    of the scalars (sums of size products: about sqrt(size) u of their scale) and of
+    the terms; |a - b| <= |a^2 - b^2| / (a + b) gives the rest. In state mode E is about
+    (||s_t|| / ||S_open + s_t||)^2: a block of n similar tokens scores ~1/n, and its
+    error shrinks with it. In token mode E is about 2, so the absolute error near I_t = 0
+    is sqrt(2 c u) (3e-3 for float32 at Dk = Dv = 64) and near tau = 0.6 about 3 c u.
+    The constants are checked, not only derived: proofs/test_score_identities.py.
+    """
+    t1, t2, t3, den = score_terms(xp, ss, SS, sS, size, opts)
+    u = xp.finfo(dtype).eps / 2
+    cuE = (4 + size**0.5) * u * (xp.abs(t1) + xp.abs(t2) + xp.abs(t3)) / (den * den)
+    score = information_score_from_scalars(xp, ss, SS, sS, size, opts)
+    sharp = cuE / xp.where(score > 0, score, xp.full_like(score, float("inf")))
+    return xp.minimum(xp.sqrt(cuE), sharp), 4 * u
 
 
 # --- 3. boundary --------------------------------------------------------------
@@ -155,6 +223,14 @@ def is_boundary(xp, score, m, opts: Options):
     With K = 1 only the first token opens a slot (``decision_is_free``).
     """
     return admit_boundary(xp, score >= opts.tau, m, opts.capacity)
+
+
+def absorb_zero_contributions(xp, boundary, m, silent):
+    """b_t := 0 where the contribution is exactly zero (``silent`` [N] bool) and m > 0,
+    whatever tau (also tau = -inf): such a token would open an empty slot, against
+    which the next token scores about sqrt(Dk Dv) / eps (docs/spec/information-score.md).
+    """
+    return boundary & ~((m > 0) & silent)
 
 
 # --- 5a. capacity-bounded merging ---------------------------------------------
@@ -256,7 +332,7 @@ def step(xp, cache, token, opts: Options, decide):
     cache  (S [N,K,Dk,Dv], n [N,K] int, info [N,K], m [N] int)   -- streams, not [B,H]
     token  a ``Tokens`` record of one token: q [N,Dk], k [N,Dk], v [N,Dv], lam [N,K],
            alpha [N] | None, beta [N] | None
-    decide (score, m, n, info) -> (boundary [N] bool, merged [N] int): the partition
+    decide (score, m, n, info, silent) -> (boundary [N] bool, merged [N] int): the partition
            policy (``dla_decision``, ``fixed_decision``, a replayed trace). Its
            arguments are the per-stream facts a policy may read, each [N] or [N, K];
            a new fact is one more trailing argument.
@@ -267,10 +343,13 @@ def step(xp, cache, token, opts: Options, decide):
 
     S = transition(xp, S, k, alpha, beta, opts.backbone)
     s = contribution(xp, k, v, beta, opts.backbone)
+    silent = zero_contribution(xp, k, v, beta, opts.backbone)
     score = information_score(xp, s, open_state(xp, S, m), opts)
-    score = xp.where(m > 0, score, xp.zeros_like(score))  # I_0 := 0 (docs/spec/boundaries.md)
+    # I_0 := 0 (docs/spec/boundaries.md); I_t := 0 for a zero contribution, which DLA
+    # absorbs (docs/spec/information-score.md)
+    score = xp.where((m > 0) & ~silent, score, xp.zeros_like(score))
 
-    boundary, merged = decide(score, m, n, info)
+    boundary, merged = decide(score, m, n, info, silent)
 
     S = merge_adjacent(xp, S, merged)
     n = merge_adjacent(xp, n, merged)
@@ -286,14 +365,16 @@ def step(xp, cache, token, opts: Options, decide):
     return (S, n, info, m), o, score, boundary, merged
 
 
-# --- policies: decide(score, m, n, info) -> (boundary, merged) -----------------
+# --- policies: decide(score, m, n, info, silent) -> (boundary, merged) ---------
+#
+# silent [N] bool: the token's contribution is exactly zero (``zero_contribution``).
 
 
 def dla_decision(xp, opts: Options):
     """DLA's own partition policy: the boundary rule, then the density merge."""
 
-    def decide(score, m, n, info):
-        boundary = is_boundary(xp, score, m, opts)
+    def decide(score, m, n, info, silent):
+        boundary = absorb_zero_contributions(xp, is_boundary(xp, score, m, opts), m, silent)
         return boundary, merge_choice(xp, n, info, m, boundary, opts.capacity)
 
     return decide
@@ -306,7 +387,7 @@ def fixed_decision(xp, opts: Options, chunk: int):
     merge, so the scores still matter (docs/spec/baselines.md).
     """
 
-    def decide(score, m, n, info):
+    def decide(score, m, n, info, silent):  # a schedule: zero contributions count as tokens
         due = xp.sum(n, axis=1) % chunk == 0
         boundary = admit_boundary(xp, due, m, opts.capacity)
         return boundary, merge_choice(xp, n, info, m, boundary, opts.capacity)
