@@ -56,8 +56,8 @@ import numpy as np
 from dla_ref.parallel import partition_history
 from dla_ref.records import Cache, Result, Trace
 from dla_ref.recurrent import cache_to_streams, empty_cache, from_streams, to_streams
-from dla_ref.step import (information_score_from_scalars, is_boundary, merge_adjacent,
-                          merge_choice, slot_weights, write_token)
+from dla_ref.step import (absorb_zero_contributions, information_score_from_scalars,
+                          is_boundary, merge_adjacent, merge_choice, slot_weights, write_token)
 from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
 
 DEFAULT_CHUNK = 64
@@ -225,6 +225,7 @@ class ChunkScalars(NamedTuple):
                               (k_j . k_s)(v_j . v_s) for s < j, else 0
     gram_before  [N, C]       sum_{s < j} Gd[j, s] (gram_prefix at i = j)
     decay2       [N, C, C]    exp(2 (L_j - L_s)) for s < j, else 0
+    silent       [N, C] bool  k_j = 0 or v_j = 0 (on the inputs): a zero contribution
     """
 
     token_norm: np.ndarray
@@ -234,12 +235,13 @@ class ChunkScalars(NamedTuple):
     gram_prefix: np.ndarray
     gram_before: np.ndarray
     decay2: np.ndarray
+    silent: np.ndarray
 
 
 class ChunkGrams(NamedTuple):
     """The token-only part of ``ChunkScalars`` for nb chunks (host, float64).
 
-    token_norm, start_decay2, gram_before [N, nb, C]; gram_prefix [N, nb, C, C+1];
+    token_norm, start_decay2, gram_before, silent [N, nb, C]; gram_prefix [N, nb, C, C+1];
     decay2 [N, nb, C, C]. ``scalars`` completes one chunk's with its open state.
     """
 
@@ -248,6 +250,7 @@ class ChunkGrams(NamedTuple):
     gram_prefix: np.ndarray
     gram_before: np.ndarray
     decay2: np.ndarray
+    silent: np.ndarray
 
     def scalars(self, i, S0, k, v, L) -> ChunkScalars:
         """Chunk i's scalars, its open state at the start being S0 [N, Dk, Dv].
@@ -257,7 +260,7 @@ class ChunkGrams(NamedTuple):
         start_dot = np.exp(L) * np.sum(np.matmul(k, S0) * v, axis=2)
         return ChunkScalars(self.token_norm[:, i], np.sum(S0 * S0, axis=(1, 2)), start_dot,
                             self.start_decay2[:, i], self.gram_prefix[:, i],
-                            self.gram_before[:, i], self.decay2[:, i])
+                            self.gram_before[:, i], self.decay2[:, i], self.silent[:, i])
 
 
 def chunk_grams(k, v, L) -> ChunkGrams:
@@ -277,8 +280,9 @@ def chunk_grams(k, v, L) -> ChunkGrams:
     prefix = torch.nn.functional.pad(torch.cumsum((k @ k.mT) * (v @ v.mT) * decay, dim=-1),
                                      (1, 0))
     start_decay = torch.exp(L)
+    silent = (k == 0).all(-1) | (v == 0).all(-1)  # on the inputs: ||k||^2 can underflow
     grams = ((k * k).sum(-1) * (v * v).sum(-1), start_decay * start_decay, prefix,
-             prefix.diagonal(dim1=-2, dim2=-1), decay * decay)
+             prefix.diagonal(dim1=-2, dim2=-1), decay * decay, silent)
     return ChunkGrams(*(x.cpu().numpy() for x in grams))
 
 
@@ -352,8 +356,10 @@ def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
     while True:
         live = cols[None, :] >= p[:, None]
         score = scores_while_absorbing(x, p, holds_start, first, open_norm, live, opts, size)
-        score = np.where(m[:, None] > 0, score, 0.0)  # I := 0 at an empty cache (SPEC §3.3)
-        opens = forced[0] if forced is not None else is_boundary(npx, score, m[:, None], opts)
+        # I := 0 at an empty cache and for a zero contribution, which DLA absorbs
+        score = np.where((m[:, None] > 0) & ~x.silent, score, 0.0)
+        opens = forced[0] if forced is not None else absorb_zero_contributions(
+            npx, is_boundary(npx, score, m[:, None], opts), m[:, None], x.silent)
         opens = opens & live
         nxt = np.where(opens.any(axis=1), np.argmax(opens, axis=1), C)
         absorbed = live & (cols[None, :] < nxt[:, None])
