@@ -59,9 +59,10 @@ and the tile sizes are compile-time constants.
 
 Limits: a [BLOCK_DK, BLOCK_DV] block and, in the prefill kernel, BLOCK_K such blocks
 live in registers, so the prefill kernel narrows BLOCK_DV as K * Dk grows (down to one
-column; see ``prefill_block_dv``). The score comes from three scalars, which cancel
-where R(s_t) is close to R(S_open): there I_t is off by about sqrt(float32 epsilon) =
-3e-4 (``dla_ref.step.information_score_from_scalars``), near tau = 0.6 by about 1e-7.
+column; see ``prefill_block_dv``). The score comes from three float32 scalars, in the
+form of ``dla_ref.step.information_score_from_scalars``: in state mode it is free of
+cancellation, in token mode it is off by up to about sqrt(float32 epsilon) where R(s_t)
+is close to R(S_open); ``dla_ref.step.score_error_bound`` states both.
 """
 
 from __future__ import annotations
@@ -170,18 +171,40 @@ def information_score(ss, SS, sS, size, eps, score_state, normalize):
     """I_t from ss = ||s_t||^2, SS = ||S_open||^2, sS = <S_open, s_t>; size = Dk*Dv;
     score_state, normalize: 0 or 1 (score="state", normalize=True).
 
-    ``dla_ref.step.information_score_from_scalars`` term for term:
-        ||A||^2 = ss or SS + 2 sS + ss,  <A, B> = sS or SS + sS   (score token / state)
+    ``dla_ref.step.information_score_from_scalars`` term for term (``score_terms``):
         r_X = 1 / sqrt(||X||^2 / size + eps)   (1 if not normalize)
-        I_t = sqrt(max(r_A^2 ||A||^2 - 2 r_A r_B <A, B> + r_B^2 ||B||^2, 0))
-              / (r_B ||B|| + eps)
+        token: r_A^2 ss - 2 r_A r_B sS + r_B^2 SS                       (A = s_t)
+        state: d^2 SS + 2 d r_A sS + r_A^2 ss, P = 2 sS + ss = ||A||^2 - SS,
+               d = r_A - r_B = -(P / size) r_A^2 r_B^2 / (r_A + r_B)    (A = S_open + s_t)
+        I_t = min(sqrt(max(radicand, 0)) / (r_B ||S_open|| + eps), 2)   (no clamp if not
+              normalize)
     """
-    AA = tl.where(score_state != 0, SS + 2 * sS + ss, ss)
-    AB = tl.where(score_state != 0, SS + sS, sS)
+    P = 2 * sS + ss
+    AA = tl.where(score_state != 0, SS + P, ss)
     rA = tl.where(normalize != 0, 1.0 / tl.sqrt(AA / size + eps), 1.0)
     rB = tl.where(normalize != 0, 1.0 / tl.sqrt(SS / size + eps), 1.0)
-    radicand = rA * rA * AA - 2 * rA * rB * AB + rB * rB * SS
-    return tl.sqrt(tl.maximum(radicand, 0.0)) / (rB * tl.sqrt(SS) + eps)
+    d = tl.where(normalize != 0, -(P / size) * (rA * rA) * (rB * rB) / (rA + rB), 0.0)
+    token = rA * rA * ss - 2 * rA * rB * sS + rB * rB * SS
+    state = d * d * SS + 2 * d * rA * sS + rA * rA * ss
+    radicand = tl.where(score_state != 0, state, token)
+    score = tl.sqrt(tl.maximum(radicand, 0.0)) / (rB * tl.sqrt(SS) + eps)
+    return tl.where((normalize != 0) & (score > 2.0), 2.0, score)
+
+
+@triton.jit
+def zero_contribution(k, v_row, beta, Dv, BACKBONE: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """1 if s_t = beta_t k_t v_t^T is exactly zero (beta_t = 0 for gdn, k_t = 0 or
+    v_t = 0, tested on the inputs: ``dla_ref.step.zero_contribution``), else 0.
+    k [BLOCK_DK] (0 past Dk); v_row points at v_t, read in blocks of BLOCK_DV."""
+    nonzero_v = 0
+    for c0 in range(0, Dv, BLOCK_DV):
+        cols = c0 + tl.arange(0, BLOCK_DV)
+        v = tl.load(v_row + cols, mask=cols < Dv, other=0.0)
+        nonzero_v += tl.sum((v != 0).to(tl.int32))
+    zero = (tl.sum((k != 0).to(tl.int32)) == 0) | (nonzero_v == 0)
+    if BACKBONE == "gdn":
+        zero = zero | (beta == 0)
+    return zero.to(tl.int32)
 
 
 @triton.jit
@@ -204,11 +227,12 @@ def pair_density(n, info, n_next, info_next, slot, K):
 
 
 @triton.jit
-def decide(score, m, n, info, n_next, info_next, slot, K, tau, forced_boundary,
+def decide(score, silent, m, n, info, n_next, info_next, slot, K, tau, forced_boundary,
            forced_merged, row, FORCED: tl.constexpr):
     """The boundary b_t and the merged pair j (-1: none) of one stream (SPEC §3.3, §3.5).
 
-    b_t = [m = 0] or [I_t >= tau] (note >=; with K = 1 only [m = 0]).
+    b_t = [m = 0] or [I_t >= tau] (note >=; with K = 1 only [m = 0]); a zero
+    contribution (silent = 1) is absorbed whenever m > 0, whatever tau.
     j = argmin_j pair_density if b_t and m = K >= 2; ties go to the smallest j
     (tie_break_left). FORCED reads both from the trace at ``row`` instead (the host
     has checked that they fit the cache).
@@ -217,7 +241,7 @@ def decide(score, m, n, info, n_next, info_next, slot, K, tau, forced_boundary,
         boundary = tl.load(forced_boundary + row) != 0
         merged = tl.load(forced_merged + row).to(tl.int32)
     else:
-        boundary = (m == 0) | ((K > 1) & (score >= tau))
+        boundary = (m == 0) | ((K > 1) & (silent == 0) & (score >= tau))
         densest = tl.argmin(pair_density(n, info, n_next, info_next, slot, K), axis=0,
                             tie_break_left=True)
         merged = tl.where(boundary & (m == K) & (K > 1), densest.to(tl.int32), -1)
@@ -258,11 +282,13 @@ def decide_token(S_open, n, info, m, k, v_row, alpha, beta, row, K, tau, eps,
     ss, SS, sS = open_state_scalars(S_open, m > 0, k, v_row, alpha, beta, rows,
                                     row_mask, Dv, BACKBONE, WRITE_BACK, BLOCK_DK, BLOCK_DV)
     score = information_score(ss, SS, sS, Dk * Dv, eps, score_state, normalize)
-    score = tl.where(m > 0, score, 0.0)  # I_0 := 0 for an empty cache
+    silent = zero_contribution(k, v_row, beta, Dv, BACKBONE, BLOCK_DV)
+    # I_0 := 0 for an empty cache, I_t := 0 for a zero contribution
+    score = tl.where((m > 0) & (silent == 0), score, 0.0)
     slot = tl.arange(0, BLOCK_K)
     n_next = next_slot(n, slot)
     info_next = next_slot(info, slot)
-    boundary, merged = decide(score, m, n, info, n_next, info_next, slot, K, tau,
+    boundary, merged = decide(score, silent, m, n, info, n_next, info_next, slot, K, tau,
                               forced_boundary, forced_merged, row, FORCED)
     m = m - (merged >= 0).to(tl.int32)
     target = m - 1 + boundary.to(tl.int32)
