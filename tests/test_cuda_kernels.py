@@ -29,6 +29,7 @@ import pytest
 
 import dla_backends
 import dla_ref
+from dla_backends import host
 from dla_backends.kernels import cuda_model
 from dla_backends.testing import assert_matches_reference, to_native, to_numpy
 
@@ -141,7 +142,7 @@ def test_model_with_the_cupy_backends_float32_state_on_float64_inputs():
     from functools import partial
 
     args = inputs(np.random.default_rng(8), 2, 12, 2, 5, 4, 3, "mamba2")
-    model = partial(cuda_model.run, cuda_model.launch, state_dtype="float32")
+    model = partial(host.run, cuda_model.launch, backend="cuda-model", state_dtype="float32")
     assert_matches_reference(model, **args, state_dtype="float32", backbone="mamba2",
                              capacity=3, tau=0.5)
 
@@ -228,8 +229,8 @@ def test_model_decode_steps_continue_the_prefill():
 
 
 def test_importing_the_backends_does_not_import_cupy():
-    code = ("import sys, dla_backends, dla_backends.kernels.cupy_kernels, dla_backends.kernels.cuda_model; "
-            "sys.exit('cupy' in sys.modules)")
+    code = ("import sys, dla_backends, dla_backends.kernels.cupy_kernels, "
+            "dla_backends.kernels.cuda_model; sys.exit('cupy' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -243,7 +244,8 @@ def cupy_float64_state(q, k, v, lam, **options):
     """The kernel instantiated for a float64 state: the index math at float64 tolerance."""
     from dla_backends.kernels import cupy_kernels
 
-    return cuda_model.run(cupy_kernels.launch, q, k, v, lam, state_dtype="float64", **options)
+    return host.run(cupy_kernels.launch, q, k, v, lam, backend="cupy", state_dtype="float64",
+                    **options)
 
 
 def on_gpu(args, dtype):

@@ -1,32 +1,18 @@
-"""A NumPy model of the CUDA kernel backends/kernels/cuda/dla_scan.cu, and the host side of both.
+"""A NumPy model of the CUDA kernel backends/kernels/cuda/dla_scan.cu ("cuda-model").
 
-The CPU cannot run the kernel, so this module runs its index math instead: the same
-decomposition (one block per stream, BLOCK threads, each thread owning a fixed set of
-entries of the Dk x Dv state), the same per-thread order of additions, the same
-shared-memory tree reduction, the same column sums over row groups, and the same
-single writer (thread 0) of every decision. The functions below carry the names of the
-kernel's device functions (owner, block_sum_pair, column_total, contribution, transition,
-information_score, decide, merge_adjacent, write_token, readout): read them side by side
-with the .cu file. Change one, change the other.
-
-Vectorized, not looped: every block (stream) and every thread of a block is an array axis;
-only the token loop, the slot loops, a thread's own serial loops and the reduction levels
-are Python loops, as they are sequential in the kernel too. Arithmetic is in the state
-dtype (float32 for float32 inputs), in the kernel's order; the one difference is that nvcc
-fuses a * b + c into one rounding (FMA) where NumPy rounds twice, so the model and the
-kernel agree to rounding, not bit for bit.
-
-The state as the threads hold it ("thread layout"):
-    S [N, K, BLOCK, Rc, Rr]:  S[n, i, tid, c, r] = state entry (a, j) of slot i of stream n
-    with j = cols[tid, c], a = rows[tid, r] (see ``owner``); entries a thread does not own
-    (index -1) are 0 and stay 0, since every update is linear in the state and the token's
-    contribution is 0 there. A thread's serial loops (columns outer, rows inner) run over
-    the (c, r) axes in order; adding those zeros does not change a float sum.
-
-The host side (``run``: validate with dla_ref.validation, lay the batch out as streams,
-check a forced trace, launch, lay the results back out) is shared with
-``dla_backends.kernels.cupy_kernels``, which passes its CuPy launch where this module passes
-``launch``.
+The CPU cannot run the kernel, so this module runs its index math instead: one block
+per stream, BLOCK threads each owning a fixed set of entries of the Dk x Dv state, the
+same per-thread order of additions, the same shared-memory tree reduction, the same
+column sums over row groups and the same single writer (thread 0) of every decision.
+The functions carry the names of the kernel's device functions (owner, block_sum_pair,
+column_total, contribution, transition, information_score, decide, merge_adjacent,
+write_token, readout): read them side by side with the .cu file; change one, change the
+other. Every block and every thread is an array axis; only the token loop, the slot
+loops, a thread's serial loops and the reduction levels are Python loops. Arithmetic is
+in the state dtype, in the kernel's order (nvcc's fused multiply-adds aside, so the model
+and the kernel agree to rounding, not bit for bit). The host side is ``dla_backends.host``;
+``one_token`` is shared with ``cupy_kernels``. The thread layout and what the model can
+and cannot prove: docs/cuda.md.
 """
 
 from __future__ import annotations
@@ -34,27 +20,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from array_api_compat import array_namespace
 
-from dla_ref.parallel import partition_history
-from dla_ref.records import Result, Trace
-from dla_ref.recurrent import cache_from_streams, from_streams, prepare, trace_to_streams
-from dla_ref.validation import check_options, check_trace_shape
+from dla_backends import host
+from dla_ref.records import Trace
 
 BLOCK = 1024  # threads per block; dla_scan.cu is compiled with -DDLA_BLOCK=BLOCK (cupy_kernels)
 
-__all__ = ["BLOCK", "decode_step", "dla", "run"]
-
-
-# --- host side, shared with cupy_kernels ------------------------------------------------
+__all__ = ["BLOCK", "decode_step", "dla", "launch", "one_token"]
 
 
 def dla(q, k, v, lam, **options):
-    """``dla_ref.dla`` (same arguments, same result) computed by the model of the kernel.
-
-    The state is kept in the input's dtype (float32 or float64).
-    """
-    return run(launch, q, k, v, lam, **options)
+    """``dla_ref.dla`` (same keywords, same result) computed by the model of the kernel.
+    The state is kept in the inputs' dtype (float32 or float64)."""
+    return host.run(launch, q, k, v, lam, backend="cuda-model", **options)
 
 
 def decode_step(q, k, v, lam, cache, **options):
@@ -63,62 +41,17 @@ def decode_step(q, k, v, lam, cache, **options):
     q, k [B, H, Dk], v [B, H, Dv], lam [B, H, K], log_alpha / beta [B, H]; options as
     ``dla``. Returns Result(o [B, H, Dv], cache, trace with [B, H] fields).
     """
-    return one_token(launch, q, k, v, lam, cache, **options)
+    return one_token(dla, q, k, v, lam, cache, **options)
 
 
-def one_token(launch, q, k, v, lam, cache, *, log_alpha=None, beta=None, trace=None, **options):
-    """``run`` on a single token: inputs [B, H, ...] are given a T axis of 1 and lose it after."""
+def one_token(dla, q, k, v, lam, cache, *, log_alpha=None, beta=None, trace=None, **options):
+    """``dla`` on a single token: inputs [B, H, ...] get a T axis of 1 and lose it after."""
     token = lambda x: None if x is None else x[:, None, ...]  # noqa: E731
     if trace is not None:
         trace = Trace(*(token(x) for x in trace))
-    result = run(launch, token(q), token(k), token(v), token(lam), log_alpha=token(log_alpha),
+    result = dla(token(q), token(k), token(v), token(lam), log_alpha=token(log_alpha),
                  beta=token(beta), trace=trace, initial_cache=cache, **options)
-    return Result(result.o[:, 0], result.cache, Trace(*(x[:, 0] for x in result.trace)))
-
-
-def run(launch, q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
-        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
-        trace=None, initial_cache=None, state_dtype=None):
-    """``dla_ref.dla``'s contract around a kernel launch.
-
-    launch(tokens, cache, forced, opts) -> (o [N, T, Dv], scores, boundary, merged [N, T],
-    cache): the kernel (or its model) on the stream layout of ``dla_ref.recurrent.prepare``.
-    state_dtype: the dtype the kernel keeps the state in (a name, e.g. "float32"); None =
-    the input's dtype. o comes back in the input's dtype, the rest in the state dtype.
-    """
-    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
-                         normalize=normalize, slots=slots, eps=eps)
-    dtype = q.dtype if state_dtype is None else np.dtype(state_dtype)  # NumPy's = CuPy's
-    xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
-                                           initial_cache, dtype)
-    forced = None if trace is None else forced_decisions(xp, trace, B, T, H, opts, cache)
-    o, scores, boundary, merged, cache = launch(tokens, cache, forced, opts)
-    return Result(
-        o=from_streams(xp, xp.astype(o, q.dtype), B, H),
-        cache=cache_from_streams(xp, cache, B, H),
-        trace=Trace(*(from_streams(xp, x, B, H) for x in (scores, boundary, merged))),
-    )
-
-
-def forced_decisions(xp, trace, B, T, H, opts, cache):
-    """A forced trace as streams (boundary [N, T] bool, merged [N, T] int64), checked to fit.
-
-    The kernel replays decisions without checking them, so the host replays them first on
-    the slot counts alone (dla_ref.parallel.partition_history, in NumPy on host copies),
-    which raises the reference's ValueError for a trace that does not fit the cache.
-    """
-    check_trace_shape(xp, trace, B, T, H)
-    boundary, merged = trace_to_streams(xp, trace)
-    _, n, _, m = cache
-    host_b = host(boundary)
-    partition_history(array_namespace(host_b), host_b, host(merged), opts.capacity,
-                      n=host(n), m=host(m))
-    return boundary, merged
-
-
-def host(x):
-    """A NumPy copy of a NumPy or CuPy array (CuPy's ``get`` copies device to host)."""
-    return x.get() if hasattr(x, "get") else np.asarray(x)
+    return result._replace(o=result.o[:, 0], trace=Trace(*(x[:, 0] for x in result.trace)))
 
 
 # --- the model of dla_scan.cu ------------------------------------------------------------
@@ -334,7 +267,10 @@ def decide(score, silent, m, n_s, info_s, forced_t, opts):
 
 
 def write_token(S, target, s):
-    """S_target += s_t on the owned entries.  S [N, K, BLOCK, Rc, Rr], target [N], s [N, BLOCK, Rc, Rr]."""
+    """S_target += s_t on the owned entries.
+
+    S [N, K, BLOCK, Rc, Rr], target [N], s [N, BLOCK, Rc, Rr].
+    """
     hit = (np.arange(S.shape[1])[None, :] == target[:, None])[:, :, None, None, None]
     return np.where(hit, S + s[:, None], S)
 
@@ -358,14 +294,11 @@ def readout(S, m, q_rows, lam, own, opts, Dv):
     return total
 
 
-def launch(tokens, cache, forced, opts):
-    """The model of one launch of dla_scan: grid = N blocks, all emulated at once.
-
-    tokens (q, k, v, lam, alpha, beta) [N, T, ...]; cache (S, n, info, m); forced =
-    (boundary, merged) [N, T] or None. Returns (o, scores, boundary, merged, cache).
-    """
-    q, k, v, lam, alpha, beta = tokens
-    S, n_s, info_s, m_s = cache
+def launch(call: host.Call) -> host.Launched:
+    """The model of one launch of dla_scan: grid = N blocks, all emulated at once."""
+    q, k, v, lam, alpha, beta = call.tokens
+    S, n_s, info_s, m_s = call.cache
+    opts, forced = call.opts, call.forced
     N, T, Dk = q.shape
     Dv = v.shape[2]
     dtype = S.dtype
@@ -395,4 +328,5 @@ def launch(tokens, cache, forced, opts):
         S = write_token(merge_adjacent(S, j), target, s)
         o[:, t] = readout(S, m_s, q_rows, lam[:, t], own, opts, Dv)
         scores[:, t], boundary[:, t], merged[:, t] = score, b, j
-    return o, scores, boundary, merged, (from_threads(S, own, Dk, Dv), n_s, info_s, m_s)
+    return host.Launched(o, (from_threads(S, own, Dk, Dv), n_s, info_s, m_s),
+                         (scores, boundary, merged))

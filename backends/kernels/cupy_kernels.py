@@ -1,16 +1,16 @@
-"""DLA on the GPU through CuPy: the CUDA kernel of backends/kernels/cuda/dla_scan.cu.
+"""DLA on the GPU through CuPy ("cupy"): the CUDA kernel backends/kernels/cuda/dla_scan.cu.
 
-Registered as "cupy" (CuPy arrays on a CUDA device). ``dla`` has the signature and result
-of ``dla_ref.dla``; the state (S, info, scores) is kept in float32, o comes back in the
-input's dtype. Two entry points, one kernel:
+CuPy arrays on a CUDA device. ``dla`` has the keywords and result of ``dla_ref.dla``;
+the state (S, info, scores) is kept in float32, o comes back in the inputs' dtype. Two
+entry points, one kernel:
 
     dla(q, k, v, lam, ...)                prefill: every token of every stream
     decode_step(q, k, v, lam, cache, ...) one token of every stream ([B, H, ...] inputs)
 
-The host side (validation by dla_ref.validation, the stream layout of dla_ref.recurrent,
-the check of a forced trace by dla_ref.parallel.partition_history) is shared with the
-NumPy model of the kernel, ``dla_backends.kernels.cuda_model``; this module adds only the launch.
-CuPy is imported when a kernel is first launched, never at import.
+The host side is ``dla_backends.host`` (as for the kernel's NumPy model,
+``dla_backends.kernels.cuda_model``); this module adds only the launch. CuPy is imported
+when a kernel is first launched, never at import. Versions, layout, timings: docs/cuda.md
+and the header of dla_scan.cu.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_model import BLOCK, one_token, run
+from dla_backends import host
+
+from .cuda_model import BLOCK, one_token
 
 SOURCE = Path(__file__).with_name("cuda") / "dla_scan.cu"
-STATE_DTYPE = "float32"  # the registry's state_dtype for "cupy"; "float64" is tested too
 BACKBONE_CODES = {"linear": 0, "mamba2": 1, "gdn": 2}  # dla::Backbone
 KERNELS = {"float32": "dla_scan<float>", "float64": "dla_scan<double>"}
 
@@ -31,8 +32,8 @@ __all__ = ["decode_step", "dla"]
 
 
 def dla(q, k, v, lam, **options):
-    """``dla_ref.dla`` (same arguments, same result) on the GPU; state in float32."""
-    return run(launch, q, k, v, lam, state_dtype=STATE_DTYPE, **options)
+    """``dla_ref.dla`` (same keywords, same result) on the GPU; state in float32."""
+    return host.run(launch, q, k, v, lam, backend="cupy", **options)
 
 
 def decode_step(q, k, v, lam, cache, **options):
@@ -41,7 +42,7 @@ def decode_step(q, k, v, lam, cache, **options):
     q, k [B, H, Dk], v [B, H, Dv], lam [B, H, K], log_alpha / beta [B, H]; options as
     ``dla``. Returns Result(o [B, H, Dv], cache, trace with [B, H] fields).
     """
-    return one_token(launch, q, k, v, lam, cache, state_dtype=STATE_DTYPE, **options)
+    return one_token(dla, q, k, v, lam, cache, **options)
 
 
 @functools.cache
@@ -60,24 +61,22 @@ def shared_bytes(K, Dv, itemsize):
     return 8 * K + itemsize * (K + 2 * BLOCK + G * Dv)
 
 
-def launch(tokens, cache, forced, opts):
+def launch(call: host.Call) -> host.Launched:
     """One launch of dla_scan: grid = N blocks (one per stream), BLOCK threads each.
 
-    tokens (q, k, v, lam, alpha, beta) [N, T, ...] and cache (S, n, info, m) as laid out by
-    dla_ref.recurrent.prepare, in the state dtype; forced = (boundary, merged) [N, T] or
-    None. Returns (o [N, T, Dv], scores, boundary, merged [N, T], cache) as CuPy arrays.
+    The kernel updates the call's own cache in place; the forced trace goes to the device.
     """
     import cupy
 
     q, k, v, lam, alpha, beta = (None if x is None else cupy.ascontiguousarray(x)
-                                 for x in tokens)
-    # the kernel updates the cache in place: work on copies, never on the caller's arrays
-    S, n, info, m = (cupy.array(x, order="C") for x in cache)
+                                 for x in call.tokens)
+    S, n, info, m = (cupy.ascontiguousarray(x) for x in call.cache)
+    opts, forced = call.opts, call.forced
     N, T, Dk = q.shape
     Dv, K, dtype = v.shape[2], opts.capacity, S.dtype
     unused = cupy.zeros(1, dtype)  # stands for alpha / beta where the backbone has none
     forced_b, forced_j = ((cupy.zeros(1, bool), cupy.zeros(1, np.int64)) if forced is None else
-                          (cupy.ascontiguousarray(x) for x in forced))
+                          (cupy.asarray(x) for x in forced))
     o = cupy.empty((N, T, Dv), dtype)
     scores = cupy.empty((N, T), dtype)
     boundary = cupy.empty((N, T), bool)
@@ -95,4 +94,4 @@ def launch(tokens, cache, forced, opts):
         np.int32(opts.normalize), np.int32(opts.slots == "newest-first"),
         np.int32(forced is not None), np.float64(opts.tau), dtype.type(opts.eps),
     ), shared_mem=shared)
-    return o, scores, boundary, merged, (S, n, info, m)
+    return host.Launched(o, (S, n, info, m), (scores, boundary, merged))

@@ -1,163 +1,67 @@
-"""The Torch backend: DLA's recurrent scan (SPEC §3) batched over all N = B*H streams.
+"""The Torch backend ("torch"): DLA's recurrent scan batched over all N = B*H streams.
 
-Same signature, semantics and result as ``dla_ref.dla``; registered as "torch".
-Runs unchanged on CPU and CUDA tensors, and is differentiable: under a forced trace,
-gradients of o and of the final cache's S reach q, k, v, lam, log_alpha and beta.
+Runs unchanged on CPU and CUDA tensors and is differentiable: under a forced trace,
+gradients of o and of the final S reach q, k, v, lam, log_alpha, beta and an initial
+cache's S. Decisions are made on detached values (I_t and J carry no gradient). The
+state is float64 for float64 inputs and float32 otherwise; o comes back in the inputs'
+dtype. The slot fields live in N*K storage rows addressed through a slot map P [N, K]
+(like a paged KV cache's block table), so a merge moves one state, not K. No host
+synchronisation inside the token loop: the host side (``dla_backends.host``) checks a
+forced trace and an initial cache once, up front.
 
-What differs from the reference, and why:
+Versions: v1 = ``dla_ref.dla`` on torch tensors (the reference's scan: one-hot merges
+and writes over all K slots, float64; run it as the "reference" backend); v2 (shipped,
+tested) = the slot map, index writes, a float32 state for float32 and half inputs.
 
-- State dtype: float64 for float64 inputs, float32 for float32 / float16 / bfloat16
-  (half-precision states lose too much over a long scan). o comes back in the input
-  dtype (q, k, v, lam, log_alpha and beta promoted together).
-- The slot map. The reference keeps S in chronological order, so a merge shifts every
-  later state one slot left: O(K Dk Dv) per stream. Here the slot fields (S, n, info)
-  are storage of N*K rows (S viewed as [N*K, Dk, Dv]) and a small table P [N, K] says
-  which row holds logical (chronological) slot i of stream n: P[n, i], one of the
-  rows n*K ... n*K + K-1 that belong to stream n, like the block table of a paged KV
-  cache. Merging logical slots j and j+1 adds row P[j+1] into row P[j], empties it
-  and moves that entry of P to the end, where the next append finds it: O(Dk Dv) per
-  stream. Rows not referenced by a used logical slot are zero, as in the reference,
-  so absorb and append are the same write ("add s_t"). Rows are read and written
-  with index_select / index_add_ on the flat storage (cheaper than advanced indexing),
-  and the result is returned in logical order.
-- Writes are in place (index_add_), never on a tensor autograd saved: while autograd
-  records, the transition produces a fresh S each token and the writes go there, so
-  the scan stays differentiable (and keeps every token's S for backward, O(T K Dk Dv)
-  memory, as any recurrent form does). Per token only the transition and the readout
-  pass over all K states.
-- Decisions are made on detached values: I_t and J carry no gradient (they only steer
-  the discrete boundary and merge choices, on which o and S do not depend smoothly).
-- No host synchronisation inside the token loop. The checks of a forced trace and of
-  an initial cache run once, up front, on host copies (the reference's checks build
-  their index arrays on the default device).
-
-Versions: v1 = ``dla_ref.dla`` on torch tensors (the reference's own scan: one-hot
-merges and writes over all K slots, float64); v2 (this file, shipped and tested) = the
-slot map, index writes, float32 state.
+Design notes (the slot map, in-place writes under autograd): docs/kernels.md.
 """
 
 from __future__ import annotations
 
-from functools import reduce
-
-from dla_ref.parallel import partition_history
-from dla_ref.records import Cache, Result, Trace
-from dla_ref.recurrent import cache_to_streams, empty_cache, from_streams, to_streams
+from dla_backends import host
 from dla_ref.step import dla_decision, information_score
-from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
 
 
-def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
-        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
-        trace=None, initial_cache=None) -> Result:
-    """Dynamic Linear Attention, recurrent form, on torch tensors (see ``dla_ref.dla``).
+def dla(q, k, v, lam, **options):
+    """``dla_ref.dla`` on torch tensors (CPU or CUDA): the same keywords, checks, errors
+    and result. o in the inputs' dtype; S, info and scores in the state dtype."""
+    return host.run(launch, q, k, v, lam, backend="torch", **options)
 
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0; log_alpha [B, T, H] <= 0
-    (mamba2, gdn); beta [B, T, H] in [0, 1] (gdn). trace: a Trace to replay (its scores
-    are recomputed); initial_cache: a Cache to continue from.
 
-    Returns Result(o [B, T, H, Dv] in the input dtype, cache (S, info in the state dtype;
-    n, m int64), trace (scores in the state dtype, boundary bool, merged int64)), all on
-    q's device.
-    """
-    import array_api_compat
+def launch(call: host.Call) -> host.Launched:
+    """The scan on the call's own cache (written in place), with the identity slot map
+    P[n, i] = n*K + i; the cache comes back in logical (slot) order."""
     import torch
 
-    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
-                         normalize=normalize, slots=slots, eps=eps)
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor for the torch backend, "
-                        f"got {type(q).__name__}")
-    xp = array_api_compat.array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
-                                   lam_columns=capacity)
-    inputs = [x for x in (q, k, v, lam, log_alpha, beta) if x is not None]
-    in_dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
-    dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
-
-    cache = initial_state(xp, initial_cache, B, H, capacity, Dk, Dv, dtype, q.device)
-    if trace is None:
-        decide_at = lambda t: dla_decision(xp, opts)  # noqa: E731 -- the same rule at every t
+    (N, _), K = call.streams, call.opts.capacity
+    P = torch.arange(N * K, device=call.device).reshape(N, K)
+    if call.forced is None:
+        decide_at = lambda t: dla_decision(call.xp, call.opts)  # noqa: E731 -- same at every t
     else:
-        decide_at = forced_decisions(xp, trace, cache, B, T, H, capacity, q.device)
-    tokens = stream_tokens(xp, q, k, v, lam, log_alpha, beta, dtype)
-    # Without autograd recording, the linear backbone may write into last token's S.
-    recording = torch.is_grad_enabled() and any(
-        x.requires_grad for x in inputs + ([] if initial_cache is None else [initial_cache.S]))
-
-    (S, n, info, m, P), o, decided = scan(xp, tokens, cache, opts, decide_at, recording)
+        decide_at = replay(call.forced, call.device)
+    cache = (*call.cache, P)
+    (S, n, info, m, P), o, decided = scan(call.xp, per_token(call.tokens), cache, call.opts,
+                                          decide_at, call.recording)
     S, n, info = (logical(x, P) for x in (S, n, info))
-    return Result(
-        o=from_streams(xp, o, B, H).to(in_dtype),
-        cache=Cache(*(x.reshape((B, H) + tuple(x.shape[1:])) for x in (S, n, info, m))),
-        trace=Trace(*(from_streams(xp, x, B, H) for x in decided)),
-    )
+    return host.Launched(o, (S, n, info, m), decided)
 
 
-# --- setup: layout, initial cache, forced trace -----------------------------------
-
-
-def stream_tokens(xp, q, k, v, lam, log_alpha, beta, dtype):
-    """The inputs as a list of T per-token tuples over streams, in the state dtype.
-
-    Token t is (q [N, Dk], k [N, Dk], kt [N, Dk], v [N, Dv], lam [N, K], alpha [N] | None):
-    kt = beta k for gdn and k otherwise (k~ of SPEC §5, so s_t = kt v^T), alpha =
-    exp(log_alpha). Everything that does not depend on the decisions is computed here
-    for all t at once.
-    """
+def per_token(tokens):
+    """The streams as a list of T per-token tuples (q, k, kt, v, lam, alpha) over N streams:
+    kt = beta k for gdn and k otherwise (k~, so s_t = kt v^T); alpha None for linear."""
     from itertools import repeat
 
-    q, k, v, lam = (to_streams(xp, x.to(dtype)) for x in (q, k, v, lam))
-    kt = k if beta is None else to_streams(xp, beta.to(dtype))[..., None] * k
-    alpha = None if log_alpha is None else to_streams(xp, log_alpha.to(dtype)).exp()
-    per_token = [repeat(None) if x is None else x.unbind(1) for x in (q, k, kt, v, lam, alpha)]
-    return list(zip(*per_token))
+    kt = tokens.k if tokens.beta is None else tokens.beta[..., None] * tokens.k
+    fields = (tokens.q, tokens.k, kt, tokens.v, tokens.lam, tokens.alpha)
+    return list(zip(*(repeat(None) if x is None else x.unbind(1) for x in fields)))
 
 
-def initial_state(xp, initial_cache, B, H, K, Dk, Dv, dtype, device):
-    """The scan's state (S, n, info, m, P) over N streams: an empty cache or a copy of
-    ``initial_cache``, checked by the reference, with the identity slot map
-    P [N, K] (P[n, i] = n*K + i).
-
-    The copies are the scan's own: it writes into them in place.
-    """
+def replay(forced: host.Forced, device):
+    """decide_at(t) for a forced trace (already checked to fit by the host)."""
     import torch
 
-    if initial_cache is None:
-        S, n, info, m = empty_cache(xp, B * H, K, Dk, Dv, dtype)
-        S, n, info, m = S.to(device), n.to(device), info.to(device), m.to(device)
-    else:
-        check_cache(xp, on_host(initial_cache), B, H, K, Dk, Dv)
-        # cache_to_streams copies (astype), so the scan may write into its result
-        S, n, info, m = (x.to(device).contiguous()
-                         for x in cache_to_streams(xp, initial_cache, dtype))
-    P = torch.arange(B * H * K, device=device).reshape(B * H, K)
-    return S, n, info, m, P
-
-
-def forced_decisions(xp, trace, cache, B, T, H, K, device):
-    """decide_at(t) for a forced trace, after checking once that the trace fits.
-
-    dla_ref.partition_history replays the trace on the slot counts of the initial
-    cache and raises the reference's ValueError at the first decision that does not
-    fit. The replay runs on the host, so the token loop itself never synchronises.
-    """
-    import torch
-
-    check_trace_shape(xp, on_host(trace), B, T, H)
-    boundary = to_streams(xp, trace.boundary).to(device)
-    merged = to_streams(xp, trace.merged).to(device=device, dtype=torch.int64)
-    _, n, _, m, _ = cache
-    partition_history(xp, boundary.cpu(), merged.cpu(), K, n=n.cpu(), m=m.cpu())
-    boundary, merged = boundary.unbind(1), merged.unbind(1)
-    return lambda t: lambda score, m, n, info: (boundary[t], merged[t])
-
-
-def on_host(record):
-    """A Cache or Trace with its tensors copied to the CPU (anything else as it is)."""
-    if not isinstance(record, (Cache, Trace)):
-        return record  # the reference's check reports the wrong type
-    return type(record)(*(x.cpu() if hasattr(x, "cpu") else x for x in record))
+    boundary, merged = (torch.from_numpy(x).to(device).unbind(1) for x in forced)
+    return lambda t: lambda score, m, n, info, silent: (boundary[t], merged[t])
 
 
 # --- the scan -------------------------------------------------------------------------
@@ -166,7 +70,7 @@ def on_host(record):
 def scan(xp, tokens, cache, opts, decide_at, recording):
     """Run ``step`` over the T tokens for N streams.
 
-    tokens: the list from ``stream_tokens``; cache: (S, n, info, m, P).
+    tokens: the list from ``per_token``; cache: (S, n, info, m, P).
     Returns (cache, o [N, T, Dv], (scores, boundary, merged) each [N, T]).
     """
     import torch
@@ -187,8 +91,8 @@ def step(xp, cache, token, opts, decide, recording):
 
     cache (S [N,K,Dk,Dv], n [N,K] int64, info [N,K], m [N] int64, P [N,K] int64): slot
     fields as storage rows addressed through P; token (q, k, kt, v, lam, alpha) as from
-    ``stream_tokens``;
-    decide(score, m, n, info) -> (boundary [N] bool, merged [N] int64) takes logical
+    ``per_token``;
+    decide(score, m, n, info, silent) -> (boundary [N] bool, merged [N] int64) takes logical
     n, info, like the policies of ``dla_ref.step``; xp is the array-API namespace of
     torch that those policies and ``information_score`` take.
     Returns (cache', o [N, Dv], score [N], boundary [N], merged [N]).
@@ -202,9 +106,12 @@ def step(xp, cache, token, opts, decide, recording):
     s = kt[:, :, None] * v[:, None, :]  # s_t = k~_t v_t^T
     open_ = read(S.detach(), at(P, (m - 1).clamp(min=0)))
     score = information_score(xp, s.detach(), open_, opts)
-    score = torch.where(m > 0, score, torch.zeros_like(score))  # I_0 := 0 (SPEC §3.3)
+    # a zero contribution (beta = 0, k = 0 or v = 0; kt = beta k is 0 iff beta = 0 for a
+    # nonzero k, short of underflow) scores I_t := 0 and is absorbed, like I_0 := 0
+    silent = ~(k != 0).any(-1) | ~(kt != 0).any(-1) | ~(v != 0).any(-1)
+    score = torch.where((m > 0) & ~silent, score, torch.zeros_like(score))
 
-    boundary, merged = decide(score, m, logical(n, P), logical(info, P))
+    boundary, merged = decide(score, m, logical(n, P), logical(info, P), silent)
 
     if opts.capacity > 1:  # with K = 1 no pair exists and merged is always -1
         j, merging = merged.clamp(min=0), merged >= 0
