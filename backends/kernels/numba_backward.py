@@ -1,0 +1,389 @@
+"""DLA's gradient compiled with Numba: the adjoint scan of ``dla_ref.vjp``, parallel over streams.
+
+Two passes, both compiled and run in parallel over the N = B*H streams (``prange``):
+
+- ``forward``: the compiled forward scan of ``numba_scan`` (``scan_stream``), run C tokens
+  at a time, keeping the cache before every chunk (a checkpoint: S [K, Dk, Dv] in slot
+  order and m). A run of chunks is the same computation as one run (the split-sequence
+  property of ``dla``), so the outputs and trace are numba_scan's.
+- ``backward``: per stream, chunk by chunk from the last: recompute the C + 1 caches of the
+  chunk from its checkpoint under the trace, then run the adjoint of each step from the
+  chunk's last token to its first (``step_adjoint``, the compiled ``dla_ref.adjoint``).
+  Memory per stream: T/C checkpoints + C + 1 recomputed caches of K Dk Dv each;
+  C = ceil(sqrt(T)) by default.
+
+The equations are those of ``dla_ref/adjoint.py`` (docs/spec/gradient.md); what differs
+from the reference, and why:
+
+- The state and the adjoints are in the input dtype (float32 or float64); the scalar
+  adjoints d alpha and d beta are summed over slots in float64.
+- Only used slots are read or written: the reference's unused slots are zero and receive
+  zero adjoint (dla_ref.adjoint.step_adjoint masks them); here they are never touched,
+  so the recomputed caches hold stale values there, which nothing reads.
+- The merge's adjoint moves the slot adjoints right by one after j (a copy of up to
+  K Dk Dv numbers); the recompute writes each transitioned slot straight into its
+  merged position.
+
+Versions: v1 (this file, shipped and tested): a direct port of dla_ref.adjoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import array_api_compat.numpy as xp_numpy
+import numpy as np
+from numba import njit, prange
+
+from dla_ref.records import Result
+from dla_ref.recurrent import from_streams
+from dla_ref.validation import check_float_array
+from dla_ref.vjp import Gradients
+
+from .. import host
+from .numba_scan import BACKBONE_CODE, GDN, MAMBA2, scan_stream
+
+
+class Saved(NamedTuple):
+    """What ``backward`` needs from ``forward``: streams [N, ...] and the checkpoints.
+
+    tokens (q, k, v, lam, alpha, beta) [N, T, ...] (alpha, beta = 1 where the backbone
+    has none); boundary, merged [N, T]; ckS [N, T/C, K, Dk, Dv], ckm [N, T/C]: the
+    cache before tokens 0, C, 2C, ...; C; the options; B, H.
+    """
+
+    tokens: tuple
+    boundary: Any
+    merged: Any
+    ckS: Any
+    ckm: Any
+    C: int
+    opts: Any
+    B: int
+    H: int
+
+
+def forward(q, k, v, lam, *, checkpoint=None, **options) -> tuple[Result, Saved]:
+    """``numba_scan.dla`` (same keywords, checks and result) that also keeps checkpoints.
+
+    NumPy inputs (others are converted by ``host``); the state is in the inputs' dtype
+    (float32 or float64). checkpoint: C, the distance between kept caches (default
+    ceil(sqrt(T))). Returns (Result, Saved).
+    """
+    call = host.prepare(q, k, v, lam, backend="numba", **options)
+    (N, T), dtype, opts = call.streams, call.state_dtype, call.opts
+    tokens = tuple(np.ones((N, T), dtype) if x is None else np.ascontiguousarray(x)
+                   for x in call.tokens)  # alpha = 1, beta = 1 where the backbone has none
+    S, n, info, m = (np.ascontiguousarray(x) for x in call.cache)
+    if call.forced is None:
+        boundary, merged = np.zeros((N, T), np.bool_), np.full((N, T), -1, np.int64)
+    else:
+        boundary, merged = call.forced
+    C = checkpoint_interval(T, checkpoint)
+    ckS = np.empty((N, -(-T // C)) + S.shape[1:], dtype)
+    ckm = np.empty((N, -(-T // C)), np.int64)
+    o, scores = np.empty((N, T, tokens[2].shape[2]), dtype), np.empty((N, T), dtype)
+    scan_checkpointed(*tokens, S, n, info, m, o, scores, boundary, merged,
+                      call.forced is not None, BACKBONE_CODE[opts.backbone],
+                      opts.score == "state", opts.normalize, opts.slots == "newest-first",
+                      opts.tau, opts.eps, C, ckS, ckm)
+    result = host.finish(call, host.Launched(o, (S, n, info, m), (scores, boundary, merged)))
+    B, _, H, _, _ = call.shape
+    return result, Saved(tokens, boundary, merged, ckS, ckm, C, opts, B, H)
+
+
+def backward(saved: Saved, do, dcache=None) -> Gradients:
+    """The adjoints of the inputs of the ``forward`` that returned ``saved``.
+
+    do [B, T, H, Dv]; dcache [B, H, K, Dk, Dv] (the final cache's S) or None; NumPy
+    arrays, cast to the state dtype. Returns ``dla_ref.Gradients`` (NumPy, state dtype),
+    dlog_alpha None for linear and dbeta None unless gdn.
+    """
+    q, k, v, lam, alpha, beta = saved.tokens
+    N, T = q.shape[:2]
+    K, Dk, Dv = saved.ckS.shape[2:]
+    B, H, dtype = saved.B, saved.H, q.dtype
+    check_float_array(xp_numpy, "do", do, (B, T, H, Dv))
+    do = np.ascontiguousarray(np.swapaxes(do, 1, 2).reshape(N, T, Dv), dtype=dtype)
+    if dcache is None:
+        dS = np.zeros((N, K, Dk, Dv), dtype)
+    else:
+        check_float_array(xp_numpy, "dcache", dcache, (B, H, K, Dk, Dv))
+        dS = np.array(np.reshape(dcache, (N, K, Dk, Dv)), dtype=dtype, order="C")
+    grads = [np.zeros_like(x) for x in (q, k, v, lam, alpha, beta)]
+    backbone = BACKBONE_CODE[saved.opts.backbone]
+    backward_streams(q, k, v, lam, alpha, beta, saved.boundary, saved.merged, saved.ckS,
+                     saved.ckm, do, dS, saved.C, backbone,
+                     saved.opts.slots == "newest-first", *grads)
+    dq, dk, dv, dlam, dlog_alpha, dbeta = (from_streams(xp_numpy, x, B, H) for x in grads)
+    return Gradients(dq, dk, dv, dlam, None if backbone == 0 else dlog_alpha,
+                     dbeta if backbone == GDN else None, dS.reshape(B, H, K, Dk, Dv))
+
+
+def vjp(q, k, v, lam, do, *, trace, dcache=None, checkpoint=None, **options) -> Gradients:
+    """``dla_ref.vjp`` compiled: forward under ``trace``, then ``backward``."""
+    if trace is None:
+        raise ValueError("trace is required: the gradient of DLA is defined under a fixed "
+                         "trace (pass dla(...).trace)")
+    _, saved = forward(q, k, v, lam, trace=trace, checkpoint=checkpoint, **options)
+    return backward(saved, do, dcache)
+
+
+def checkpoint_interval(T, checkpoint):
+    """C: the given interval, or ceil(sqrt(T)) (T/C checkpoints, C + 1 recomputed caches)."""
+    if checkpoint is None:
+        return max(1, math.isqrt(T - 1) + 1)
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 1:
+        raise ValueError(f"checkpoint must be an int >= 1, got {checkpoint!r}")
+    return checkpoint
+
+
+# --- forward: numba_scan's scan, C tokens at a time ------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def scan_checkpointed(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
+                      forced, backbone, state_score, normalize, newest_first, tau, eps, C,
+                      ckS, ckm):
+    """numba_scan.scan_streams, chunk by chunk: ckS[i, c], ckm[i, c] = stream i's cache
+    before token cC (S in slot order, which ``scan_stream`` restores at its end)."""
+    T = q.shape[1]
+    for i in prange(q.shape[0]):
+        mi = m[i]
+        for c in range(ckS.shape[1]):
+            t0, t1 = c * C, min(c * C + C, T)
+            ckS[i, c] = S[i]
+            ckm[i, c] = mi
+            mi = scan_stream(q[i, t0:t1], k[i, t0:t1], v[i, t0:t1], lam[i, t0:t1],
+                             alpha[i, t0:t1], beta[i, t0:t1], S[i], n[i], info[i], mi,
+                             o[i, t0:t1], scores[i, t0:t1], boundary[i, t0:t1],
+                             merged[i, t0:t1], forced, backbone, state_score, normalize,
+                             newest_first, tau, eps)
+        m[i] = mi
+
+
+# --- backward: per stream, chunk by chunk from the last ----------------------------------
+
+
+@njit(cache=True, parallel=True)
+def backward_streams(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, dS, C,
+                     backbone, newest_first, dq, dk, dv, dlam, dlog_alpha, dbeta):
+    """``backward_stream`` for every stream, in parallel. dS [N, K, Dk, Dv]: in, the
+    final cache's adjoint; out, the initial cache's. The d* outputs are [N, T, ...] zeros."""
+    for i in prange(q.shape[0]):
+        backward_stream(q[i], k[i], v[i], lam[i], alpha[i], beta[i], boundary[i], merged[i],
+                        ckS[i], ckm[i], do[i], dS[i], C, backbone, newest_first, dq[i],
+                        dk[i], dv[i], dlam[i], dlog_alpha[i], dbeta[i])
+
+
+@njit(cache=True)
+def backward_stream(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, dS, C,
+                    backbone, newest_first, dq, dk, dv, dlam, dlog_alpha, dbeta):
+    """One stream: t = T-1 ... 0, on the caches recomputed chunk by chunk.
+
+    Token arrays [T, ...]; ckS [T/C, K, Dk, Dv], ckm [T/C] the checkpoints; dS [K, Dk, Dv]
+    the adjoint of the cache after token T-1, replaced by that of the initial cache.
+    """
+    T = q.shape[0]
+    K, Dk, Dv = dS.shape
+    states = np.empty((C + 1, K, Dk, Dv), dS.dtype)
+    ms = np.empty(C + 1, np.int64)
+    scratch = np.empty((3, max(Dk, Dv)), dS.dtype)
+    clear_slots(dS, final_m(ckm[ckS.shape[0] - 1], boundary, merged,
+                            (ckS.shape[0] - 1) * C, T), K)
+    for c in range(ckS.shape[0] - 1, -1, -1):
+        t0, t1 = c * C, min(c * C + C, T)
+        states[0] = ckS[c]
+        ms[0] = ckm[c]
+        for t in range(t0, t1):
+            ms[t - t0 + 1] = forward_step(states[t - t0], ms[t - t0], states[t - t0 + 1],
+                                          k[t], v[t], alpha[t], beta[t], boundary[t],
+                                          merged[t], backbone, scratch[0])
+        for t in range(t1 - 1, t0 - 1, -1):
+            dalpha, db = step_adjoint(states[t - t0], ms[t - t0], states[t - t0 + 1],
+                                      ms[t - t0 + 1], q[t], k[t], v[t], lam[t], alpha[t],
+                                      beta[t], boundary[t], merged[t], do[t], dS, backbone,
+                                      newest_first, dq[t], dk[t], dv[t], dlam[t], scratch)
+            dlog_alpha[t] = alpha[t] * dalpha
+            dbeta[t] = db
+
+
+@njit(cache=True)
+def final_m(m, boundary, merged, t0, T):
+    """The slot count after token T-1, from the count m before token t0."""
+    for t in range(t0, T):
+        m += (1 if boundary[t] else 0) - (1 if merged[t] >= 0 else 0)
+    return m
+
+
+@njit(cache=True)
+def clear_slots(dS, m, K):
+    """dS_i <- 0 for the unused slots i >= m (they hold no state; see the module notes)."""
+    for i in range(m, K):
+        dS[i] = 0.0
+
+
+# --- the recompute: one forward step under the trace, in slot order -------------------
+
+
+@njit(cache=True)
+def forward_step(S0, m0, S1, k, v, alpha, beta, boundary, merged, backbone, kX):
+    """S1 <- the cache after the token, from S0 (before), under (boundary, merged).  -> m
+
+    Slot i < m0 of S0 is transitioned straight into its slot after the merge (i, or
+    i - 1 past the merged pair, slot j + 1 added into j); then s = beta k v^T is written
+    into slot m - 1 + b. Slots of S1 at or past the returned m are not written.
+    """
+    for i in range(m0):
+        dest = i if (merged < 0 or i <= merged) else i - 1
+        transition_into(S1[dest], S0[i], k, alpha, beta, backbone, merged >= 0 and
+                        i == merged + 1, kX)
+    m = m0 - (1 if merged >= 0 else 0)
+    target = m - 1 + (1 if boundary else 0)
+    X = S1[target]
+    fresh = boundary
+    Dk, Dv = X.shape
+    for a in range(Dk):
+        for b in range(Dv):
+            s = beta * (k[a] * v[b])
+            X[a, b] = s if fresh else X[a, b] + s
+    return target + 1
+
+
+@njit(cache=True)
+def transition_into(Y, X, k, alpha, beta, backbone, add, kX):
+    """Y <- G X, or Y += G X if ``add`` (G = 1, alpha, or alpha (I - beta k k^T))."""
+    Dk, Dv = X.shape
+    if backbone == GDN:
+        kX[:Dv] = 0.0
+        for a in range(Dk):
+            for b in range(Dv):
+                kX[b] += k[a] * X[a, b]
+    for a in range(Dk):
+        for b in range(Dv):
+            if backbone == GDN:
+                g = alpha * (X[a, b] - beta * (k[a] * kX[b]))
+            elif backbone == MAMBA2:
+                g = alpha * X[a, b]
+            else:
+                g = X[a, b]
+            Y[a, b] = Y[a, b] + g if add else g
+
+
+# --- the adjoint of one step ------------------------------------------------------------
+
+
+@njit(cache=True)
+def step_adjoint(S0, m0, S3, m3, q, k, v, lam, alpha, beta, boundary, merged, do, dS,
+                 backbone, newest_first, dq, dk, dv, dlam, scratch):
+    """dla_ref.adjoint.step_adjoint for one stream and token.   -> (d alpha, d beta)
+
+    S0, m0 / S3, m3: the cache before / after the token; dS [K, Dk, Dv]: in, the adjoint
+    of S3; out, that of S0 (slots >= m0 zero). Writes dq, dk, dv [D], dlam [K].
+    """
+    readout_adjoint(S3, m3, q, lam, do, newest_first, dS, dq, dlam, scratch[0])
+    m2 = m0 - (1 if merged >= 0 else 0)
+    ds = dS[m2 - 1 + (1 if boundary else 0)]
+    dbeta = contribution_adjoint(ds, k, v, beta, backbone == GDN, dk, dv)
+    if merged >= 0:
+        merge_adjoint(dS, merged, m0)
+    dalpha, dbeta_carry = transition_adjoint(dS, S0, m0, k, alpha, beta, backbone, dk,
+                                             scratch[1], scratch[2])
+    for i in range(m0, m3):
+        dS[i] = 0.0
+    return dalpha, dbeta + dbeta_carry
+
+
+@njit(cache=True)
+def readout_adjoint(S, m, q, lam, do, newest_first, dS, dq, dlam, Sdo):
+    """dq = sum_i w_i S_i do, dlam[l(i)] = q^T S_i do, dS_i += w_i q do^T, over i < m."""
+    Dk, Dv = S.shape[1:]
+    dq[:] = 0.0
+    dlam[:] = 0.0
+    for i in range(m):
+        col = m - 1 - i if newest_first else i
+        w = lam[col]
+        X, D = S[i], dS[i]
+        dw = 0.0
+        for a in range(Dk):
+            acc = 0.0
+            for b in range(Dv):
+                acc += X[a, b] * do[b]
+            Sdo[a] = acc
+        for a in range(Dk):
+            dq[a] += w * Sdo[a]
+            dw += q[a] * Sdo[a]
+            wq = w * q[a]
+            for b in range(Dv):
+                D[a, b] += wq * do[b]
+        dlam[col] = dw
+
+
+@njit(cache=True)
+def contribution_adjoint(ds, k, v, beta, gdn, dk, dv):
+    """dk = beta ds v, dv = beta ds^T k (written); returns d beta = k^T ds v (gdn, else 0)."""
+    Dk, Dv = ds.shape
+    dv[:] = 0.0
+    dbeta = 0.0
+    for a in range(Dk):
+        acc = 0.0
+        for b in range(Dv):
+            acc += ds[a, b] * v[b]
+            dv[b] += beta * (ds[a, b] * k[a])
+        dk[a] = beta * acc
+        dbeta += np.float64(k[a]) * np.float64(acc)
+    return dbeta if gdn else 0.0
+
+
+@njit(cache=True)
+def merge_adjoint(dS, j, m0):
+    """dS_i <- dS_{i-1} for i = m0-1 ... j+2, then dS_{j+1} <- dS_j (a copy, not a split)."""
+    for i in range(m0 - 1, j, -1):
+        dS[i] = dS[i - 1]
+
+
+@njit(cache=True)
+def transition_adjoint(dS, S0, m0, k, alpha, beta, backbone, dk, u, g):
+    """dS_i <- G^T dS_i for i < m0; adds the carried dk; returns (d alpha, d beta).
+
+    mamba2: d alpha = sum_i <dS_i, S0_i>, dS_i <- alpha dS_i.
+    gdn, with u = S0_i^T k, g = dS_i^T k: d alpha = sum_i <dS_i, S0_i> - beta g.u,
+    d beta = -alpha sum_i g.u, dk -= alpha beta (dS_i u + S0_i g),
+    dS_i <- alpha (dS_i - beta k g^T).
+    """
+    dalpha, dbeta = 0.0, 0.0
+    if backbone != MAMBA2 and backbone != GDN:
+        return dalpha, dbeta
+    Dk, Dv = S0.shape[1:]
+    for i in range(m0):
+        X, D = S0[i], dS[i]
+        inner = 0.0
+        for a in range(Dk):
+            for b in range(Dv):
+                inner += np.float64(D[a, b]) * np.float64(X[a, b])
+        if backbone == MAMBA2:
+            for a in range(Dk):
+                for b in range(Dv):
+                    D[a, b] *= alpha
+            dalpha += inner
+            continue
+        u[:Dv] = 0.0
+        g[:Dv] = 0.0
+        for a in range(Dk):
+            for b in range(Dv):
+                u[b] += X[a, b] * k[a]
+                g[b] += D[a, b] * k[a]
+        gu = 0.0
+        for b in range(Dv):
+            gu += np.float64(g[b]) * np.float64(u[b])
+        dalpha += inner - beta * gu
+        dbeta -= alpha * gu
+        for a in range(Dk):
+            acc = 0.0
+            for b in range(Dv):
+                acc += D[a, b] * u[b] + X[a, b] * g[b]
+            dk[a] -= alpha * beta * acc
+            for b in range(Dv):
+                D[a, b] = alpha * (D[a, b] - beta * (k[a] * g[b]))
+    return dalpha, dbeta
