@@ -57,7 +57,8 @@ def dla(q, k, v, lam, *, log_alpha=None, beta=None, initial_cache=None, checkpoi
         S0, counts = initial_cache.S, initial_cache._replace(S=None)
     o, S, n, info, m, scores, boundary, merged = DLAFunction.apply(
         Static(options, counts, checkpoint), q, k, v, lam, log_alpha, beta, S0)
-    return Result(o=o, cache=Cache(S, n, info, m), trace=Trace(scores, boundary, merged))
+    return Result(o=o, cache=Cache(S, n, info, m), trace=Trace(scores, boundary, merged),
+                  backend="numba-autograd")
 
 
 class DLAFunction(torch.autograd.Function):
