@@ -1,172 +1,123 @@
-"""Exact chunked prefill of DLA for the linear and mamba2 backbones (torch, CPU or CUDA).
+"""Exact chunked prefill of DLA for the linear and mamba2 backbones ("torch-chunked").
 
-Same signature, semantics and result as ``dla_ref.dla``, plus ``chunk`` (C, the chunk
-length); registered as "torch-chunked". backbone="gdn" raises NotImplementedError: its
-transition is a Dk x Dk matrix per token, so the open state's norm is no longer a
-function of a Gram matrix of the chunk's tokens.
+Torch tensors on CPU or CUDA; the keywords and result of ``dla_ref.dla``, plus ``chunk``
+(C tokens per chunk). gdn raises NotImplementedError: its transition is a Dk x Dk matrix
+per token, so the open state's norm is no function of the chunk's Gram matrix. Each
+stream's tokens are cut into chunks of C, taken in blocks of about BLOCK_TOKENS tokens:
 
-The recurrent form touches all K states (K Dk Dv numbers) at every token. Here each
-stream's tokens are cut into chunks of C, and the work is done in two phases
-(proofs/chunked_prefill.md derives every formula used here):
+1. decide (host, NumPy, float64): each token's score from three scalars (the chunk's
+   decayed Gram matrix and the carried open state), boundary to boundary, and the
+   boundary tokens through the reference's own rules (``dla_ref.step``);
+2. apply (device, torch): each chunk's outputs as the masked C x C product of its own
+   tokens plus one [C, K Dk] x [K Dk, Dv] product against the K states at its start,
+   then the states moved to the chunk's end (paged slots: a merge adds one state).
 
-1. decide (host, NumPy, float64). The score needs three scalars (SPEC §7):
-   ||s_t||^2 = ||k_t||^2 ||v_t||^2, ||S_open||^2 and <S_open, s_t> = k_t^T S_open v_t;
-   merges need only the counts n and score sums J. Inside a chunk the open state is
-   always "the open state at the chunk start, decayed (until the chunk's first
-   boundary), plus the decayed contributions of a range [a, t) of the chunk's tokens".
-   So <S_open, s_t> is k_t^T S_0 v_t (one product per chunk) plus a row range of the
-   chunk's decayed Gram matrix Gd[t, s] = exp(L_t - L_s)(k_t . k_s)(v_t . v_s), and
-   ||S_open||^2 follows ||S||^2 <- alpha_t^2 (||S||^2 + 2 <S, s_t> + ||s_t||^2). Between
-   two boundaries nothing discrete happens, so the scores of all tokens up to the
-   next boundary are computed at once; the boundary token then goes through the
-   reference's own rules (``dla_ref.step``) on (n, J). The open slot only ever holds
-   the tokens since its last boundary (and perhaps an initial cache's open state), so
-   this phase carries its own open state from chunk to chunk and needs no other state.
-2. apply (device, torch). Knowing the slot of every token at every time, each chunk's
-   outputs are the masked C x C product of its own tokens (all chunks of a block at
-   once) plus one [C, K Dk] x [K Dk, Dv] product against the K states at the chunk
-   start (each query weighted per slot); then the states move to the chunk's end
-   (decay, the merges of chunk-start slots, the chunk's tokens added to their slots).
-
-Tokens go through in blocks of about BLOCK_TOKENS (whole chunks): phase 1, then phase 2.
-Memory per stream: the K states, O(BLOCK_TOKENS (C + K)) for a block's Gram matrices and
-slot maps, O(T K) for the trace; no T x T matrix.
-
-State dtype: float64 for float64 inputs, float32 otherwise; o comes back in the input
-dtype. Decisions are computed in float64 whatever the state dtype (the expanded score
-loses half its digits where I_t is near 0). Under a forced trace the outputs and the
-final S are differentiable (phase 2 is torch, out of place while autograd records);
-decisions carry no gradient.
-
-Versions: v1: both phases per chunk, phase 1 reading the open state from phase 2's
-float32 states. v2 (this file, shipped and tested): phase 1 carries its own float64
-open state, so the token-only work (Gram matrices, intra-chunk products, slot maps,
-weights) runs batched over a block of chunks and the sequential loop of phase 2 keeps
-only the products with the states.
+Versions: v1, both phases per chunk, phase 1 reading the open state from phase 2's
+float32 states (no longer in the tree); v2 (shipped, tested), phase 1 carries its own
+float64 open state, so the token-only work runs batched over a block of chunks.
+Derivations: proofs/chunked_prefill.md; design notes and memory: docs/kernels.md.
 """
 
 from __future__ import annotations
 
-from functools import reduce
-from typing import NamedTuple
+import functools
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-import array_api_compat
 import numpy as np
+from array_api_compat import array_namespace
 
-from dla_ref.parallel import partition_history
-from dla_ref.records import Cache, Result, Trace
-from dla_ref.recurrent import cache_to_streams, empty_cache, from_streams, to_streams
+from dla_backends import host, registry
+from dla_backends.host import to_host
+from dla_ref.fenwick import fenwick_levels, level
+from dla_ref.recurrent import from_streams, to_streams, tokens_to_streams
 from dla_ref.step import (absorb_zero_contributions, information_score_from_scalars,
                           is_boundary, merge_adjacent, merge_choice, slot_weights, write_token)
-from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
+from dla_ref.validation import check_inputs
 
 DEFAULT_CHUNK = 64
 BLOCK_TOKENS = 1024
-npx = array_api_compat.array_namespace(np.zeros(0))  # NumPy as the reference's code expects it
+npx = host.npx  # NumPy as the reference's code expects it
 
 
-def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
-        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
-        trace=None, initial_cache=None, chunk=DEFAULT_CHUNK) -> Result:
-    """Dynamic Linear Attention by exact chunked prefill (see ``dla_ref.dla``).
+def dla(q, k, v, lam, *, chunk=DEFAULT_CHUNK, **options):
+    """``dla_ref.dla`` by exact chunked prefill: the same keywords, checks and result.
 
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0; log_alpha [B, T, H] <= 0
-    (mamba2). trace: a Trace to replay (its scores are recomputed); initial_cache: a
-    Cache to continue from; chunk: C >= 1 tokens per chunk (any T works; the last
-    chunk may be shorter).
-
-    Returns Result(o [B, T, H, Dv] in the input dtype, cache (S, info in the state
-    dtype; n, m int64), trace (scores in the state dtype, boundary bool, merged
-    int64)), all on q's device.
+    chunk: C >= 1 tokens per chunk (any T works; the last chunk may be shorter). The state
+    is float64 for float64 inputs, else float32; decisions are made in float64 (the
+    expanded score loses half its digits near I_t = 0); o in the inputs' dtype. Under a
+    forced trace o and the final S are differentiable; decisions carry no gradient.
     """
-    import torch
-
-    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
-                         normalize=normalize, slots=slots, eps=eps)
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor for torch-chunked, got {type(q).__name__}")
-    xp = array_api_compat.array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
-                                   lam_columns=capacity)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    if backbone == "gdn":
+    return host.run(functools.partial(launch, chunk=chunk), q, k, v, lam,
+                    backend="torch-chunked", **options)
+
+
+def launch(call: host.Call, chunk: int) -> host.Launched:
+    """The two phases, block by block, on the call's own cache."""
+    if call.opts.backbone == "gdn":
         raise NotImplementedError(
             "torch-chunked covers backbone='linear' and 'mamba2': gdn's transition "
             "(I - beta k k^T) makes the open state's norm depend on more than the "
             "chunk's Gram matrix; use the 'torch' backend")
-    inputs = [x for x in (q, k, v, lam, log_alpha) if x is not None]
-    in_dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
-    dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
-
-    N, K = B * H, capacity
-    if initial_cache is None:
-        S, n, info, m = empty_cache(xp, N, K, Dk, Dv, dtype)
-    else:
-        check_cache(xp, initial_cache, B, H, K, Dk, Dv)
-        S, n, info, m = cache_to_streams(xp, initial_cache, dtype)
-    S = S.to(q.device, copy=True)  # the states are updated in place where autograd allows
-    recording = torch.is_grad_enabled() and any(
-        x.requires_grad for x in inputs + ([] if initial_cache is None else [initial_cache.S]))
-    carry = Carry(*(x.detach().cpu().numpy().astype(t) for x, t in
-                    ((m, np.int64), (n, np.int64), (info, np.float64))))
-    open_now = open_state(S.detach().cpu().numpy().astype(np.float64), carry.m)
-    forced = None if trace is None else forced_trace(xp, trace, carry, B, T, H, K)
-
-    # contiguous streams, so that a block's chunks are views
-    q, k, v, lam = (to_streams(xp, x.to(dtype)).contiguous() for x in (q, k, v, lam))
-    log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=q.device) if log_alpha is None
-                 else to_streams(xp, log_alpha.to(torch.float64)).contiguous())
-
-    page = np.tile(np.arange(K), (N, 1))  # logical slot -> physical slot of S
+    streams = stream_inputs(call.tokens, call.log_alpha)
+    state = initial_state(call.cache)
     outputs, decisions = [], []
-    for part, nb, C in blocks(T, chunk):
-        # the chunk-local cumulative log decay L_j = log alpha_{c0} + ... + log alpha_{c0+j}
-        L = torch.cumsum(log_alpha[:, part].reshape(N, nb, C), dim=2)
-        qc, kc, vc = (x[:, part].reshape(N, nb, C, x.shape[2]) for x in (q, k, v))
-        grams = chunk_grams(kc, vc, L)
-        k64, v64, L64 = (x.detach().to(torch.float64).cpu().numpy() for x in (kc, vc, L))
-        made = []
-        for i in range(nb):  # phase 1
-            tokens = slice(part.start + i * C, part.start + (i + 1) * C)
-            scalars = grams.scalars(i, open_now, k64[:, i], v64[:, i], L64[:, i])
-            m0 = carry.m
-            carry, decided = decide_chunk(scalars, carry, opts, Dk * Dv, None if forced is None
-                                          else (forced[0][:, tokens], forced[1][:, tokens]))
-            open_now = open_state_at_end(open_now, decided.open_first, k64[:, i], v64[:, i],
-                                         L64[:, i])
-            made.append((m0, decided))
+    for part, nb, C in blocks(call.shape[1], chunk):
+        x = block_of(streams, part, nb, C)
+        made, state = decide_block(x, state, call)  # phase 1
+        o, state = apply_block(x, made, state, call)  # phase 2
+        outputs.append(o)
         decisions += [d for _, d in made]
+    return finished(outputs, decisions, state)
 
-        # phase 2
-        to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(q.device)  # noqa: E731
-        slot_of = slot_map(np.concatenate([d.first_item for _, d in made], axis=1), K, C)
-        used = to_device(np.concatenate([d.used for _, d in made], axis=1))
-        weight = item_weights(lam[:, part], used, to_device(slot_of), slots)
-        weight = weight.reshape(N, nb, C, K + C)
-        ends = slot_of.reshape(N, nb, C, K + C)[:, :, -1]  # [N, nb, K + C]
-        within = intra_outputs(qc, kc, vc, L, weight[..., K:])
-        for i, (m0, _) in enumerate(made):
-            present = np.arange(K)[None, :] < m0[:, None]
-            outputs.append(within[:, i] + start_outputs(
-                S, to_device(page), to_device(present), qc[:, i], L[:, i], weight[:, i, :, :K]))
-            page, src, dst = page_moves(page, present, ends[:, i, :K])
-            S = advance_states(S, kc[:, i], vc[:, i], L[:, i], *map(to_device, (page, src, dst)),
-                               to_device(ends[:, i, K:]), in_place=not recording)
 
-    scores, boundary, merged = (np.concatenate([getattr(d, f) for d in decisions], axis=1)
-                                for f in ("scores", "boundary", "merged"))
-    device = q.device
-    host = lambda x, t: torch.from_numpy(np.ascontiguousarray(x)).to(device, t)  # noqa: E731
-    o = from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
-    S = torch.take_along_dim(S, host(page, torch.int64)[:, :, None, None], dim=1)  # logical order
-    cache = Cache(S.reshape(B, H, K, Dk, Dv), host(carry.n, torch.int64).reshape(B, H, K),
-                  host(carry.info, dtype).reshape(B, H, K),
-                  host(carry.m, torch.int64).reshape(B, H))
-    found = Trace(from_streams(xp, host(scores, dtype), B, H),
-                  from_streams(xp, host(boundary, torch.bool), B, H),
-                  from_streams(xp, host(merged, torch.int64), B, H))
-    return Result(o, cache, found)
+# --- phase 0: the streams, the blocks, the state carried between them ---------------------
+
+
+class State(NamedTuple):
+    """What the phases carry from block to block.
+
+    S        [N, K, Dk, Dv] the states on the device, in physical slots (phase 2)
+    page     [N, K] the physical slot of each logical slot (host)
+    carry    the counts (``Carry``, host), phase 1's
+    open_now [N, Dk, Dv] float64 the open state (host), phase 1's
+    """
+
+    S: Any
+    page: np.ndarray
+    carry: Carry
+    open_now: np.ndarray
+
+
+class Block(NamedTuple):
+    """nb whole chunks of C tokens of every stream (views of contiguous streams).
+
+    q, k [N, nb, C, Dk], v [N, nb, C, Dv]; lam [N, nb C, K]; L [N, nb, C] float64, each
+    chunk's cumulative log decay L_j = log alpha_{c0} + ... + log alpha_{c0+j}; part: the
+    block's tokens.
+    """
+
+    part: slice
+    nb: int
+    C: int
+    q: Any
+    k: Any
+    v: Any
+    lam: Any
+    L: Any
+
+
+def stream_inputs(tokens, log_alpha):
+    """(q, k, v, lam, log_alpha) as contiguous streams (so that a block's chunks are views),
+    log_alpha in float64 (zeros for linear)."""
+    import torch
+
+    q, k, v, lam = (x.contiguous() for x in (tokens.q, tokens.k, tokens.v, tokens.lam))
+    if log_alpha is None:
+        return q, k, v, lam, torch.zeros(q.shape[:2], dtype=torch.float64, device=q.device)
+    return q, k, v, lam, log_alpha.to(torch.float64).contiguous()
 
 
 def blocks(T, chunk):
@@ -181,23 +132,102 @@ def blocks(T, chunk):
         yield slice(whole, T), 1, T - whole
 
 
+def block_of(streams, part, nb, C) -> Block:
+    """The ``Block`` of tokens ``part`` (nb chunks of C) of the streams."""
+    import torch
+
+    q, k, v, lam, log_alpha = streams
+    N = q.shape[0]
+    chunks = lambda x: x[:, part].reshape(N, nb, C, x.shape[2])  # noqa: E731
+    L = torch.cumsum(log_alpha[:, part].reshape(N, nb, C), dim=2)
+    return Block(part, nb, C, chunks(q), chunks(k), chunks(v), lam[:, part], L)
+
+
+def initial_state(cache) -> State:
+    """The ``State`` before the first block, from the call's own cache (S written in place
+    where autograd allows) and its host copies."""
+    S, n, info, m = cache
+    carry = Carry(*(to_host(x).astype(t) for x, t in
+                    ((m, np.int64), (n, np.int64), (info, np.float64))))
+    N, K = carry.n.shape
+    return State(S, np.tile(np.arange(K), (N, 1)), carry,
+                 open_state(to_host(S).astype(np.float64), carry.m))
+
+
 def open_state(S, m):
     """The open state S_{m-1} of each stream, 0 where m = 0.   S [N, K, Dk, Dv] -> [N, Dk, Dv]"""
     rows = np.arange(S.shape[0])
     return np.where((m > 0)[:, None, None], S[rows, np.maximum(m - 1, 0)], 0.0)
 
 
-def forced_trace(xp, trace, carry, B, T, H, K):
-    """A forced trace as host arrays (boundary [N, T] bool, merged [N, T] int64).
+def on_device(a, device):
+    """A host array as a torch tensor on ``device``."""
+    import torch
 
-    ``partition_history`` replays it on the counts of the initial cache and raises
-    the reference's ValueError where a decision does not fit the cache.
-    """
-    check_trace_shape(xp, trace, B, T, H)
-    boundary = to_streams(npx, np.asarray(trace.boundary.detach().cpu()))
-    merged = to_streams(npx, np.asarray(trace.merged.detach().cpu()).astype(np.int64))
-    partition_history(npx, boundary, merged, K, n=carry.n, m=carry.m)
-    return boundary, merged
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+# --- the phases of one block ---------------------------------------------------------------
+
+
+def decide_block(x: Block, state: State, call: host.Call):
+    """1. Phase 1 for the block's chunks, in order: a chunk's scalars from its Gram
+    matrices and the carried open state, its decisions, then the open state at its end.
+    -> ([(m at the chunk start, ChunkDecisions)] per chunk, the state after the block)"""
+    Dk, Dv = call.shape[3:]
+    grams = chunk_grams(x.k, x.v, x.L)
+    k64, v64, L64 = (to_host(y).astype(np.float64) for y in (x.k, x.v, x.L))
+    carry, open_now, made = state.carry, state.open_now, []
+    for i in range(x.nb):
+        tokens = slice(x.part.start + i * x.C, x.part.start + (i + 1) * x.C)
+        forced = None if call.forced is None else tuple(f[:, tokens] for f in call.forced)
+        scalars = grams.scalars(i, open_now, k64[:, i], v64[:, i], L64[:, i])
+        m0 = carry.m
+        carry, decided = decide_chunk(scalars, carry, call.opts, Dk * Dv, forced)
+        open_now = open_state_at_end(open_now, decided.open_first, k64[:, i], v64[:, i],
+                                     L64[:, i])
+        made.append((m0, decided))
+    return made, state._replace(carry=carry, open_now=open_now)
+
+
+def apply_block(x: Block, made, state: State, call: host.Call):
+    """2. Phase 2 for the block: every chunk's own-token outputs at once, then chunk by
+    chunk the outputs from the states at its start and the states moved to its end.
+    -> (o [N, nb C, Dv], the state after the block)"""
+    import torch
+
+    N, K = state.page.shape
+    C, dev = x.C, call.device
+    slot_of = slot_map(np.concatenate([d.first_item for _, d in made], axis=1), K, C)
+    used = on_device(np.concatenate([d.used for _, d in made], axis=1), dev)
+    weight = item_weights(x.lam, used, on_device(slot_of, dev), call.opts.slots)
+    weight = weight.reshape(N, x.nb, C, K + C)
+    ends = slot_of.reshape(N, x.nb, C, K + C)[:, :, -1]  # [N, nb, K + C]
+    within = intra_outputs(x.q, x.k, x.v, x.L, weight[..., K:])
+    S, page, outputs = state.S, state.page, []
+    for i, (m0, _) in enumerate(made):
+        present = np.arange(K)[None, :] < m0[:, None]
+        outputs.append(within[:, i] + start_outputs(
+            S, on_device(page, dev), on_device(present, dev), x.q[:, i], x.L[:, i],
+            weight[:, i, :, :K]))
+        page, src, dst = page_moves(page, present, ends[:, i, :K])
+        S = advance_states(S, x.k[:, i], x.v[:, i], x.L[:, i],
+                           *(on_device(a, dev) for a in (page, src, dst)),
+                           on_device(ends[:, i, K:], dev), in_place=not call.recording)
+    return torch.cat(outputs, dim=1), state._replace(S=S, page=page)
+
+
+def finished(outputs, decisions, state: State) -> host.Launched:
+    """3. The launch's result: o, the cache in logical slot order (S on the device, the
+    counts on the host) and the trace (host); ``host.finish`` moves and casts them."""
+    import torch
+
+    S = torch.take_along_dim(state.S, on_device(state.page, state.S.device)[:, :, None, None],
+                             dim=1)
+    trace = tuple(np.concatenate([getattr(d, f) for d in decisions], axis=1)
+                  for f in ("scores", "boundary", "merged"))
+    carry = state.carry
+    return host.Launched(torch.cat(outputs, dim=1), (S, carry.n, carry.info, carry.m), trace)
 
 
 # --- phase 1: decide ---------------------------------------------------------------------
@@ -337,72 +367,128 @@ def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
     index), ``merge_adjacent``, ``write_token``. It is the open slot's first token
     in the next round. Rounds per chunk: 1 + the most boundaries any stream has in it.
     """
-    N, C = x.token_norm.shape
-    K = opts.capacity
-    rows, cols = np.arange(N), np.arange(C)
-    m, n, info = carry.m.copy(), carry.n.copy(), carry.info.copy()
-    m0 = m.copy()
-    items = (np.arange(K)[None, :] < m[:, None]).astype(np.int64)  # one per chunk-start slot
-    holds_start = m > 0  # the open slot still holds the chunk-start open state
-    first = np.zeros(N, dtype=np.int64)  # else its first chunk token
-    open_norm = x.start_norm.copy()  # ||S_open||^2 after token p - 1
-    p = np.zeros(N, dtype=np.int64)  # the first undecided token
-    scores, merges = np.zeros((N, C)), np.full((N, C), -1, dtype=np.int64)
-    boundary = np.zeros((N, C), dtype=bool)
-    # the partition changes only at a boundary: the r-th boundary of a stream in this
-    # chunk happens in round r and starts its partition r + 1
-    partitions = [(m, first_items(items, m, m0, K, C))]
-
+    walk = Walk.start(x, carry, opts.capacity)
     while True:
-        live = cols[None, :] >= p[:, None]
-        score = scores_while_absorbing(x, p, holds_start, first, open_norm, live, opts, size)
-        # I := 0 at an empty cache and for a zero contribution, which DLA absorbs
-        score = np.where((m[:, None] > 0) & ~x.silent, score, 0.0)
-        opens = forced[0] if forced is not None else absorb_zero_contributions(
-            npx, is_boundary(npx, score, m[:, None], opts), m[:, None], x.silent)
-        opens = opens & live
-        nxt = np.where(opens.any(axis=1), np.argmax(opens, axis=1), C)
-        absorbed = live & (cols[None, :] < nxt[:, None])
-        scores = np.where(live & (cols[None, :] <= nxt[:, None]), score, scores)
-
-        last = np.maximum(m - 1, 0)  # streams with m = 0 absorb nothing
-        sums = np.cumsum(np.concatenate([info[rows, last][:, None],
-                                         np.where(absorbed, score, 0.0)], axis=1), axis=1)
-        info[rows, last] = sums[:, -1]  # adding 0.0 is exact: the reference's sum
-        n[rows, last] += absorbed.sum(axis=1)
-        items[rows, last] += absorbed.sum(axis=1)
-
-        at = nxt < C
+        score, live, nxt = scores_to_next_boundary(x, walk, opts, size, forced)  # 1.
+        absorb_before(walk, score, live, nxt)  # 2.
+        at = nxt < walk.C
         if not at.any():
             break
-        j = np.minimum(nxt, C - 1)
-        if forced is not None:
-            merged = np.where(at, forced[1][rows, j], -1)
-        else:
-            merged = merge_choice(npx, n, info, m, at, K)
-        if (merged >= 0).any():  # merge_adjacent with j = -1 everywhere is the identity
-            n, items, info = (merge_adjacent(npx, y, merged) for y in (n, items, info))
-            m = m - (merged >= 0)
-        n = write_token(npx, n, m, at, at.astype(np.int64))
-        items = write_token(npx, items, m, at, at.astype(np.int64))
-        info = write_token(npx, info, m, at, np.where(at, score[rows, j], 0.0))
-        m = m + at
+        open_slot(walk, x, score, np.minimum(nxt, walk.C - 1), at, forced, opts.capacity)  # 3.
+    return Carry(walk.m, walk.n, walk.info), walk.decisions()  # 4.
 
-        boundary[rows[at], j[at]] = True
-        merges[rows[at], j[at]] = merged[at]
-        partitions.append((m, first_items(items, m, m0, K, C)))
-        holds_start &= ~at
-        first = np.where(at, j, first)
-        open_norm = np.where(at, x.token_norm[rows, j], open_norm)
-        p = np.where(at, j + 1, C)
 
-    which = np.cumsum(boundary, axis=1)  # [N, C]: the partition each token reads
-    used = np.stack([u for u, _ in partitions], axis=1)  # [N, R, ...]
-    starts = np.stack([f for _, f in partitions], axis=1)
-    made = ChunkDecisions(scores, boundary, merges, np.take_along_axis(used, which, axis=1),
-                          np.take_along_axis(starts, which[..., None], axis=1),
-                          np.where(holds_start, -1, first))
-    return Carry(m, n, info), made
+@dataclass
+class Walk:
+    """Phase 1's state inside one chunk (host; N streams, C tokens, K slots), updated by
+    the rounds of ``decide_chunk``.
+
+    m0 [N], and m [N], n, info [N, K]: the slots in use at the chunk start; the counts
+        after the decided tokens
+    items [N, K]   items per slot (a chunk-start slot is one item, a token another)
+    holds_start [N] the open slot still holds the chunk-start open state, else
+    first [N]      its first chunk token
+    open_norm [N]  ||S_open||^2 after token p - 1
+    p [N]          the first undecided token (C: none left)
+    scores, boundary, merges [N, C]: the chunk's trace so far
+    partitions     (m, first_items) after each round: the partition changes only at a
+                   boundary, and the r-th boundary of a stream in this chunk happens in
+                   round r and starts its partition r + 1
+    """
+
+    C: int
+    m0: np.ndarray
+    m: np.ndarray
+    n: np.ndarray
+    info: np.ndarray
+    items: np.ndarray
+    holds_start: np.ndarray
+    first: np.ndarray
+    open_norm: np.ndarray
+    p: np.ndarray
+    scores: np.ndarray
+    boundary: np.ndarray
+    merges: np.ndarray
+    partitions: list
+
+    @classmethod
+    def start(cls, x: ChunkScalars, carry: Carry, K: int) -> Walk:
+        """0. Before the chunk's first token."""
+        N, C = x.token_norm.shape
+        m = carry.m.copy()
+        items = (np.arange(K)[None, :] < m[:, None]).astype(np.int64)  # one per start slot
+        return cls(C, m.copy(), m, carry.n.copy(), carry.info.copy(), items, m > 0,
+                   np.zeros(N, dtype=np.int64), x.start_norm.copy(), np.zeros(N, dtype=np.int64),
+                   np.zeros((N, C)), np.zeros((N, C), dtype=bool),
+                   np.full((N, C), -1, dtype=np.int64), [(m, first_items(items, m, m, K, C))])
+
+    def decisions(self) -> ChunkDecisions:
+        """4. The chunk's ``ChunkDecisions``: each token reads the partition of its round."""
+        which = np.cumsum(self.boundary, axis=1)  # [N, C]
+        used = np.stack([u for u, _ in self.partitions], axis=1)  # [N, R, ...]
+        starts = np.stack([f for _, f in self.partitions], axis=1)
+        return ChunkDecisions(self.scores, self.boundary, self.merges,
+                              np.take_along_axis(used, which, axis=1),
+                              np.take_along_axis(starts, which[..., None], axis=1),
+                              np.where(self.holds_start, -1, self.first))
+
+
+def scores_to_next_boundary(x: ChunkScalars, walk: Walk, opts, size, forced):
+    """1. The scores of the undecided ("live") tokens while the open slot absorbs, and
+    each stream's next boundary (C: none).   -> (score [N, C], live [N, C], nxt [N])"""
+    cols = np.arange(walk.C)
+    live = cols[None, :] >= walk.p[:, None]
+    score = scores_while_absorbing(x, walk.p, walk.holds_start, walk.first, walk.open_norm,
+                                   live, opts, size)
+    # I := 0 at an empty cache and for a zero contribution, which DLA absorbs
+    score = np.where((walk.m[:, None] > 0) & ~x.silent, score, 0.0)
+    opens = forced[0] if forced is not None else absorb_zero_contributions(
+        npx, is_boundary(npx, score, walk.m[:, None], opts), walk.m[:, None], x.silent)
+    opens = opens & live
+    nxt = np.where(opens.any(axis=1), np.argmax(opens, axis=1), walk.C)
+    walk.scores = np.where(live & (cols[None, :] <= nxt[:, None]), score, walk.scores)
+    return score, live, nxt
+
+
+def absorb_before(walk: Walk, score, live, nxt):
+    """2. The live tokens before each stream's boundary join its open slot: J_{m-1} += I_t
+    in token order (the reference's sum; adding 0.0 is exact), n and items += their count.
+    Streams with m = 0 absorb nothing."""
+    rows, cols = np.arange(len(nxt)), np.arange(walk.C)
+    absorbed = live & (cols[None, :] < nxt[:, None])
+    last = np.maximum(walk.m - 1, 0)
+    sums = np.cumsum(np.concatenate([walk.info[rows, last][:, None],
+                                     np.where(absorbed, score, 0.0)], axis=1), axis=1)
+    walk.info[rows, last] = sums[:, -1]
+    walk.n[rows, last] += absorbed.sum(axis=1)
+    walk.items[rows, last] += absorbed.sum(axis=1)
+
+
+def open_slot(walk: Walk, x: ChunkScalars, score, j, at, forced, K):
+    """3. Token j[n] opens a slot in the streams ``at``: the reference's ``merge_choice``
+    (or the forced index), ``merge_adjacent`` and ``write_token`` on the counts; the
+    token is the open slot's first from now on."""
+    rows = np.arange(len(j))
+    if forced is not None:
+        merged = np.where(at, forced[1][rows, j], -1)
+    else:
+        merged = merge_choice(npx, walk.n, walk.info, walk.m, at, K)
+    if (merged >= 0).any():  # merge_adjacent with j = -1 everywhere is the identity
+        walk.n, walk.items, walk.info = (merge_adjacent(npx, y, merged)
+                                         for y in (walk.n, walk.items, walk.info))
+        walk.m = walk.m - (merged >= 0)
+    one = at.astype(np.int64)
+    walk.n = write_token(npx, walk.n, walk.m, at, one)
+    walk.items = write_token(npx, walk.items, walk.m, at, one)
+    walk.info = write_token(npx, walk.info, walk.m, at, np.where(at, score[rows, j], 0.0))
+    walk.m = walk.m + at
+    walk.boundary[rows[at], j[at]] = True
+    walk.merges[rows[at], j[at]] = merged[at]
+    walk.partitions.append((walk.m, first_items(walk.items, walk.m, walk.m0, K, walk.C)))
+    walk.holds_start &= ~at
+    walk.first = np.where(at, j, walk.first)
+    walk.open_norm = np.where(at, x.token_norm[rows, j], walk.open_norm)
+    walk.p = np.where(at, j + 1, walk.C)
 
 
 def scores_while_absorbing(x: ChunkScalars, p, holds_start, first, open_norm, live, opts,
@@ -475,7 +561,7 @@ def item_weights(lam, used, slot_of, slots):
     import torch
 
     N, C, K = lam.shape
-    xp = array_api_compat.array_namespace(lam)
+    xp = array_namespace(lam)
     w = slot_weights(xp, lam.reshape(N * C, K), used.reshape(N * C), slots).reshape(N, C, K)
     return torch.take_along_dim(w, slot_of.clamp(min=0, max=K - 1), dim=2)
 
@@ -601,68 +687,82 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
     """Log-Linear Attention (``dla_ref.loglinear``) by the same chunked products.   -> o
 
     Shapes as in ``dla_ref.loglinear``: lam [B, T, H, L] with L >= fenwick_levels(T)
-    columns, indexed by level. Only the partition differs from DLA's (SPEC §6): the
-    Fenwick level of token s at time t is bit_length(t XOR s), so with C a power of
-    two and chunks starting at multiples of C, every token before the chunk keeps
-    the level it has at the chunk start c0 for the whole chunk (t and c0 agree on
-    the bits that decide it), and the chunk's token s is at level
-    bit_length((t - c0) XOR (s - c0)). Slots are levels; at the next chunk start
-    c1 = c0 + C a level-l block of c0 lies in level bit_length(c1 XOR (c0 >> l << l))
-    and the chunk's tokens all in level bit_length(c1 XOR c0). Here it prices the
-    Log-Linear baseline in the same backend (``dla bench``). o in the input dtype.
+    columns, indexed by level; o in the inputs' dtype. Only the partition differs from
+    DLA's (docs/spec/baselines.md): the Fenwick level of token s at time t is
+    bit_length(t XOR s), so with C a power of two and chunks starting at multiples of C,
+    every token before the chunk keeps the level it has at the chunk start c0 for the
+    whole chunk, and the chunk's token s is at level bit_length((t - c0) XOR (s - c0)).
+    Slots are levels (proofs/chunked_prefill.md). It prices the Log-Linear baseline in
+    the same backend (``dla bench``).
     """
     import torch
 
-    from dla_ref.fenwick import fenwick_levels, level
+    xp, out_dtype, streams, recording = loglinear_inputs(q, k, v, lam, backbone, log_alpha,
+                                                         beta, chunk)
+    (B, T, H, _), Dv = q.shape, v.shape[3]
+    if B * H == 0:
+        return xp.zeros((B, T, H, Dv), dtype=out_dtype, device=q.device)
+    N, _, Dk = streams[0].shape
+    levels = streams[3].shape[2]
+    S = torch.zeros(N, levels, Dk, Dv, dtype=streams[0].dtype, device=q.device)
+    page, outputs = np.tile(np.arange(levels), (N, 1)), []  # level -> physical slot of S
+    for part, nb, C in blocks(T, chunk):
+        o, S, page = loglinear_block(block_of(streams, part, nb, C), S, page, T, recording)
+        outputs.append(o)
+    return from_streams(xp, torch.cat(outputs, dim=1), B, H).to(out_dtype)
 
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor for torch-chunked, got {type(q).__name__}")
-    xp = array_api_compat.array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone)
+
+def loglinear_inputs(q, k, v, lam, backbone, log_alpha, beta, chunk):
+    """Log-Linear's inputs checked (dla_ref's checks, chunk a power of two, enough levels)
+    and laid out.   -> (xp, out_dtype, streams as ``stream_inputs``, recording)"""
+    impl = registry.get("torch-chunked")
+    xp, dev = host.inputs_namespace(impl, q, k, v, lam)
+    log_alpha, beta = (host.adopt(xp, dev, x) for x in (log_alpha, beta))
+    _, T, _, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two for Log-Linear, got {chunk!r}")
     if backbone == "gdn":
         raise NotImplementedError("torch-chunked covers backbone='linear' and 'mamba2'")
-    L = fenwick_levels(T)
-    if lam.shape[3] < L:
-        raise ValueError(f"lam must have at least {L} columns (levels) for T={T}, "
+    levels = fenwick_levels(T)
+    if lam.shape[3] < levels:
+        raise ValueError(f"lam must have at least {levels} columns (levels) for T={T}, "
                          f"got {lam.shape[3]}")
-    in_dtype = reduce(torch.promote_types, (x.dtype for x in (q, k, v, lam, log_alpha)
-                                            if x is not None))
-    dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
-    N, device = B * H, q.device
-    q, k, v = (to_streams(xp, x.to(dtype)).contiguous() for x in (q, k, v))
-    lam = to_streams(xp, lam[..., :L].to(dtype)).contiguous()
-    log_alpha = (torch.zeros(N, T, dtype=torch.float64, device=device) if log_alpha is None
-                 else to_streams(xp, log_alpha.to(torch.float64)).contiguous())
+    arrays = [x for x in (q, k, v, lam, log_alpha) if x is not None]
+    out_dtype, dtype = host.dtypes(xp, impl, arrays)
+    tokens = tokens_to_streams(xp, dtype, q, k, v, lam[..., :levels], None, None)
+    decay = None if log_alpha is None else to_streams(xp, log_alpha)
+    return xp, out_dtype, stream_inputs(tokens, decay), host.recording(arrays)
 
-    S = torch.zeros(N, L, Dk, Dv, dtype=dtype, device=device)
-    recording = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, k, v, lam, log_alpha) if x is not None)
-    page = np.tile(np.arange(L), (N, 1))  # level -> physical slot of S
-    to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+
+def loglinear_block(x: Block, S, page, T, recording):
+    """Log-Linear's phase 2 for one block, the levels as slots.   -> (o, S, page)
+
+    A chunk's own tokens read their levels within the chunk; the tokens before c0 sit in
+    the levels l whose bit l-1 is set in c0; at c1 = c0 + C a level-l block of c0 lies in
+    level bit_length(c1 XOR (c0 >> l << l)) and the chunk's tokens in bit_length(c1 XOR c0).
+    """
+    import torch
+
+    N, L = page.shape
+    C, dev = x.C, x.q.device
+    lam = x.lam.reshape(N, x.nb, C, L)
+    within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)]
+                           for t in range(C)], device=dev)  # [C(t), C(s)]
+    own = intra_outputs(x.q, x.k, x.v, x.L,
+                        torch.take_along_dim(lam, within.expand(N, x.nb, C, C), dim=3))
     outputs = []
-    for part, nb, C in blocks(T, chunk):
-        qc, kc, vc, lam_c = (x[:, part].reshape(N, nb, C, x.shape[2]) for x in (q, k, v, lam))
-        decay = torch.cumsum(log_alpha[:, part].reshape(N, nb, C), dim=2)
-        within = torch.tensor([[level(t, s) if s <= t else 0 for s in range(C)]
-                               for t in range(C)], device=device)  # [C(t), C(s)]
-        own = intra_outputs(qc, kc, vc, decay,
-                            torch.take_along_dim(lam_c, within.expand(N, nb, C, C), dim=3))
-        for i in range(nb):
-            c0 = part.start + i * C
-            # the levels that hold the tokens before c0
-            held = np.array([l >= 1 and bool(c0 >> (l - 1) & 1) for l in range(L)])
-            present = torch.from_numpy(held).to(device)
-            outputs.append(own[:, i] + start_outputs(S, to_device(page), present.expand(N, L),
-                                                     qc[:, i], decay[:, i], lam_c[:, i] * present))
-            c1 = c0 + C
-            if c1 < T:
-                home = np.array([level(c1, c0 >> l << l) for l in range(L)])
-                page, src, dst = page_moves(page, np.broadcast_to(held, (N, L)),
-                                            np.broadcast_to(home, (N, L)))
-                group = torch.full((N, C), level(c1, c0), device=device)
-                S = advance_states(S, kc[:, i], vc[:, i], decay[:, i],
-                                   *map(to_device, (page, src, dst)), group,
-                                   in_place=not recording)
-    return from_streams(xp, torch.cat(outputs, dim=1), B, H).to(in_dtype)
+    for i in range(x.nb):
+        c0, c1 = x.part.start + i * C, x.part.start + (i + 1) * C
+        held = np.array([l >= 1 and bool(c0 >> (l - 1) & 1) for l in range(L)])
+        present = on_device(held, dev)
+        outputs.append(own[:, i] + start_outputs(S, on_device(page, dev), present.expand(N, L),
+                                                 x.q[:, i], x.L[:, i], lam[:, i] * present))
+        if c1 < T:
+            home = np.array([level(c1, c0 >> l << l) for l in range(L)])
+            page, src, dst = page_moves(page, np.broadcast_to(held, (N, L)),
+                                        np.broadcast_to(home, (N, L)))
+            group = torch.full((N, C), level(c1, c0), device=dev)
+            S = advance_states(S, x.k[:, i], x.v[:, i], x.L[:, i],
+                               *(on_device(a, dev) for a in (page, src, dst)), group,
+                               in_place=not recording)
+    return torch.cat(outputs, dim=1), S, page
