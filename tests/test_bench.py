@@ -7,6 +7,7 @@ applicable, with a reason), and writes the figures docs/benchmarks.md relies on.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sys
 import pytest
 
 pytest.importorskip("torch", reason="the bench's torch-chunked row needs torch")
+SESSION = importlib.util.find_spec("dla_backends.decoder") is not None  # the decode session
 
 
 def test_quick_bench_writes_the_json(tmp_path):
@@ -50,8 +52,12 @@ def test_quick_bench_writes_the_json(tmp_path):
         if workload == "decode":
             assert row["decode_GBps"] > 0 and row["merge_overhead"] > -1
             assert row["merge_overhead_worst"] > -1
+            assert row["copy_seconds"] > 0 and row["step_over_copy"] > 0
+            session = backend == "reference" and SESSION  # torch-chunked: no one-token path
+            assert row["decode_session"] == ("Decoder" if session else "dla() per token")
         else:
             assert row["DLA_over_loglinear"] > 0 and row["matmul_fraction"] > 0
             assert row["loglinear_form"]
     assert rows["torch-chunked", "prefill-mamba2"]["loglinear_form"] == \
         "dla_backends.kernels.torch_chunked.loglinear"
+    assert all(len(line) <= 100 for line in done.stdout.splitlines()), done.stdout

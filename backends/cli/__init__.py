@@ -5,9 +5,9 @@ Each subcommand lives in its own module with ``add_arguments(parser)`` and
 ``dla golden`` does not pay for torch.
 
 Bad input never ends in a traceback: every option is parsed by one of the ``type=``
-checkers below (``count``, ``number``, ``output_path``), and what only a combination of
-options can rule out (more segments than tokens, ``--device cuda`` without a device) is
-raised by ``run`` as ``UsageError``; both print the subcommand's usage and exit 2.
+checkers below (``count``, ``number``, ``comma_list``, ``output_path``), and what only a
+combination of options can rule out (more segments than tokens, ``--device cuda`` without
+a device) is raised by ``run`` as ``UsageError``; both print the usage and exit 2.
 ``--tau -inf`` works (argparse alone reads ``-inf`` as an option). Output piped into a
 reader that stops early (``dla bench | head``) ends quietly.
 
@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "check": ("dla_backends.cli.check", "the differential suite for one backend"),
     "bench": ("dla_backends.cli.bench", "the benchmark workloads, checked, then timed"),
     "golden": ("dla_backends.cli.golden", "check (or rewrite) the golden vectors"),
+    "train": ("dla_backends.cli.train", "train a tiny DLA model on a synthetic recall task"),
 }
 
 
@@ -69,6 +70,21 @@ def number(*, finite: bool = False, positive: bool = False):
         return value
 
     parse.__name__ = "number"
+    return parse
+
+
+def comma_list(known: list[str]):
+    """A comma-separated list of names, each one of ``known`` (empty: all of them)."""
+
+    def parse(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(unknown)}; known: "
+                                             f"{', '.join(known)}")
+        return names
+
+    parse.__name__ = "list"
     return parse
 
 

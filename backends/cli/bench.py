@@ -1,54 +1,20 @@
-"""The benchmark workloads of DESIGN.md on every available backend: checked, then timed.
+"""``dla bench``: the benchmark workloads on every available backend, checked, then timed.
 
     dla bench                          every backend, every workload (minutes)
     dla bench --quick                  T / 16: a smoke test, or a one-shot GPU run
     dla bench --backends torch-chunked,numba --workloads prefill-mamba2 --json out.json
+    dla bench --device cuda            CUDA events, L2 flushed before every timed call
 
-Workloads (d = Dk = Dv, K = capacity, tau = 0.6, float32 inputs):
+Each backend and workload is first checked (its first --check-tokens tokens through
+dla_backends.testing.check_case; one that fails is not timed), then timed: the least of
+--repeat calls after a warm-up (on a shared machine other work only adds time); a figure
+whose projected time exceeds --budget is timed on fewer tokens, per token. Decode goes
+through the decode session (dla_backends.Decoder) from a full cache, one step per token,
+beside one read-and-write pass over the cache timed in the same run. On CUDA the anchors
+of flash-linear-attention are timed at the same shapes when ``fla`` imports.
 
-    decode          B=1 H=8 T=2048 d=64 K=30 mamba2  token by token: T calls of one
-                                                     token, each from the last cache
-    prefill-mamba2  B=2 H=8 T=4096 d=64 K=30 mamba2  one call
-    prefill-linear  B=2 H=8 T=4096 d=64 K=30 linear  one call
-    gdn             B=1 H=4 T=1024 d=64 K=30 gdn     one call
-
-Inputs are piecewise stationary, so that boundaries are where they would be on real
-activations (and not at every token, as on white noise): each stream is cut into
-segments of 32 to 95 tokens; a segment's keys and values are unit vectors within
-about 0.02 of its own random direction; queries N(0, 1/d), lambda U(0, 1), log alpha
-U(-0.1, 0), beta U(0, 1). Decoding starts from a full cache (K slots in use): the
-state after a prompt of K + 2 white-noise tokens, every one of which opens a slot.
-
-For each backend and workload, in order:
-1. check: the first ``--check-tokens`` tokens go through dla_backends.testing.check_case
-   (the trace is admissible and, under it, outputs and cache match the reference
-   within the tolerance of the backend's state dtype). A backend that fails is not timed.
-2. time: the least of ``--repeat`` calls after a warm-up (other work on a shared
-   machine only adds time). A backend whose projected
-   time exceeds ``--budget`` seconds is timed on fewer tokens and reported per token
-   (the note says on how many); so is the reference, always (``--reference-tokens``).
-
-Figures, all from this run:
-    tok/s     B * T / seconds (decode: T / seconds, one token per call)
-    x ref     tokens/s over the NumPy reference's (dla_ref.dla on NumPy arrays, which
-              computes in float64)
-    K30/K1    seconds of DLA (K = 30) over the single-state backbone (capacity 1, one
-              lambda column) through the same backend: the price of K states
-    DLA/LL    seconds of DLA over Log-Linear Attention at the same T: the backend
-              module's own ``loglinear`` if it has one, else dla_ref.loglinear run on the
-              backend's array namespace and device (the notes say which)
-    matmul    prefill: essential flops / seconds / this machine's matmul flop rate,
-              measured here (torch.matmul, float32, 2048^3 on a CPU, 8192^3 on a GPU).
-              Essential flops per stream: 2 T K Dk Dv (the readout of K states) plus
-              T (C + 1)(Dk + Dv) (the intra-chunk products of a chunk C = 64 form)
-    decode    +merges: seconds at tau = 0.6 over seconds at tau = +inf - 1, both from
-              the same full cache: tau = +inf never opens a slot, so every token still
-              transitions, scores (J needs I_t), absorbs and reads K states, but never
-              opens or merges one; this isolates the boundary and merge work. Its
-              worst case (JSON merge_overhead_worst): tau = -inf, where every token
-              opens a slot in a full cache, so merges one pair.
-              GB/s: the cache read and written per token (2 K Dk Dv 4 bytes per
-              stream) over the seconds per token.
+docs/benchmarks.md: the workloads, the inputs, what every column and JSON field means,
+and the last full run.
 """
 
 from __future__ import annotations
@@ -59,14 +25,14 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- the workloads and their inputs --------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One benchmark configuration (DESIGN.md, "Performance")."""
+    """One benchmark configuration (docs/benchmarks.md, "Workloads")."""
 
     B: int
     H: int
@@ -90,8 +56,10 @@ ESSENTIAL_CHUNK = 64
 def piecewise_inputs(w: Workload, T: int, seed: int) -> dict:
     """q, k, v, lam (and log_alpha, beta) for T tokens: NumPy float64 holding float32 values.
 
-    Rounded through float32, so that the reference checks the very numbers the backends
-    are given. See the module docstring for the distribution.
+    Each stream is cut into segments of 32 to 95 tokens; a segment's keys and values are
+    unit vectors within about 0.02 of its own random direction; q ~ N(0, 1/d), lam ~
+    U(0, 1), log alpha ~ U(-0.1, 0), beta ~ U(0, 1). Rounded through float32, so that
+    the reference checks the very numbers the backends are given.
     """
     import numpy as np
 
@@ -111,30 +79,41 @@ def piecewise_inputs(w: Workload, T: int, seed: int) -> dict:
         log_alpha=None if w.backbone == "linear" else -0.1 * rng.random((B, T, H)),
         beta=rng.random((B, T, H)) if w.backbone == "gdn" else None,
     )
-    return {name: None if x is None else x.astype(np.float32).astype(np.float64)
-            for name, x in arrays.items()}
+    return {name: as_float32_values(x) for name, x in arrays.items()}
 
 
-def full_cache(w: Workload, capacity: int, seed: int):
-    """The reference's cache after a prompt of K + 2 white-noise tokens (float32 values).
+def as_float32_values(x):
+    """x rounded through float32, kept as float64 (None stays None)."""
+    import numpy as np
 
-    Every such token opens a slot (its score is about sqrt(2) > tau), so the cache is
-    full, and has merged twice, when decoding starts.
+    return None if x is None else x.astype(np.float32).astype(np.float64)
+
+
+def decode_prompt(w: Workload, seed: int) -> dict:
+    """K + 2 white-noise tokens (float32 values) that fill a decode cache.
+
+    Every such token opens a slot (its score is about sqrt(2) > tau), so after them the
+    cache is full, and has merged twice, when the timed tokens begin.
     """
     import numpy as np
 
-    import dla_ref
-
     rng = np.random.default_rng(seed + 1)
-    P = w.K + 2
-    shape = (w.B, P, w.H)
+    shape = (w.B, w.K + 2, w.H)
     prompt = dict(q=rng.standard_normal(shape + (w.D,)), k=rng.standard_normal(shape + (w.D,)),
-                  v=rng.standard_normal(shape + (w.D,)), lam=rng.random(shape + (capacity,)),
+                  v=rng.standard_normal(shape + (w.D,)), lam=rng.random(shape + (w.K,)),
                   log_alpha=None if w.backbone == "linear" else -0.1 * rng.random(shape),
                   beta=rng.random(shape) if w.backbone == "gdn" else None)
-    cache = dla_ref.dla(**prompt, backbone=w.backbone, capacity=capacity, tau=TAU).cache
-    as32 = lambda x: x.astype(np.float32).astype(np.float64)  # noqa: E731
-    return dla_ref.Cache(as32(cache.S), cache.n, as32(cache.info), cache.m)
+    return {name: as_float32_values(x) for name, x in prompt.items()}
+
+
+def full_cache(w: Workload, prompt: dict, capacity: int):
+    """The reference's cache after the prompt at ``capacity`` (float32 values)."""
+    import dla_ref
+
+    arrays = {**prompt, "lam": prompt["lam"][..., :capacity]}
+    cache = dla_ref.dla(**arrays, backbone=w.backbone, capacity=capacity, tau=TAU).cache
+    return dla_ref.Cache(as_float32_values(cache.S), cache.n, as_float32_values(cache.info),
+                         cache.m)
 
 
 def cut(arrays: dict, T: int) -> dict:
@@ -148,7 +127,7 @@ def cut(arrays: dict, T: int) -> dict:
 
 @dataclass
 class Target:
-    """A backend as benchmarked: registry implementation, arrays it takes, or why not."""
+    """A backend as benchmarked: registry name, the arrays it takes, or why it cannot run."""
 
     name: str
     namespace: str
@@ -161,34 +140,34 @@ def targets(names, device):
 
     The reference always runs on NumPy arrays on the CPU: it is the baseline.
     """
-    import importlib.util
-
     from .. import implementations
 
-    table = implementations("dla")
-    unknown = [n for n in names or () if n not in table]
-    if unknown:
-        raise SystemExit(f"dla bench: unknown backend(s) {unknown}; known: {list(table)}")
     chosen = []
-    for name, impl in table.items():
+    for name, impl in implementations("dla").items():
         if names and name not in names:
             continue
         if name == "reference":
             chosen.append(Target(name, "numpy", "cpu"))
-            continue
-        target = Target(name, impl.namespaces[0], device)
-        ok, why = impl.available()
-        if device not in impl.devices:
-            target.skip = f"runs on {'/'.join(impl.devices)}, not {device}"
-        elif not ok:
-            target.skip = why
-        elif importlib.util.find_spec(impl.loader.partition(":")[0]) is None:
-            target.skip = "module not written yet"
-        elif name == "triton" and device == "cpu":
-            # On a CPU Triton runs in its interpreter: a timing would measure the interpreter.
-            target.skip = "interpreted on a CPU (TRITON_INTERPRET=1); timed on CUDA only"
-        chosen.append(target)
+        else:
+            chosen.append(Target(name, impl.namespaces[0], device, why_not(impl, device)))
     return chosen
+
+
+def why_not(impl, device: str) -> str:
+    """Why a registry implementation cannot be timed on ``device`` here ("" if it can)."""
+    import importlib.util
+
+    ok, why = impl.available()
+    if device not in impl.devices:
+        return f"runs on {'/'.join(impl.devices)}, not {device}"
+    if not ok:
+        return why
+    if importlib.util.find_spec(impl.loader.partition(":")[0]) is None:
+        return "module not written yet"
+    if impl.name == "triton" and device == "cpu":
+        # On a CPU Triton runs in its interpreter: a timing would measure the interpreter.
+        return "interpreted on a CPU (TRITON_INTERPRET=1); timed on CUDA only"
+    return ""
 
 
 def entry_point(target: Target):
@@ -199,46 +178,16 @@ def entry_point(target: Target):
 
 
 def loglinear_entry(target: Target):
-    """(callable, form): the backend module's own ``loglinear`` if any, else the reference's."""
-    import importlib
-
+    """(callable, form): the backend's registered ``loglinear`` if any, else the reference's."""
     import dla_ref
 
-    from .. import get
+    from .. import implementations
 
-    module = importlib.import_module(get(target.name).loader.partition(":")[0])
-    if target.name != "reference" and hasattr(module, "loglinear"):
-        return module.loglinear, f"{module.__name__}.loglinear"
+    table = implementations("loglinear")
+    if target.name != "reference" and target.name in table:
+        impl = table[target.name]
+        return impl.load(), impl.loader.replace(":", ".")
     return dla_ref.loglinear, f"dla_ref.loglinear on {target.namespace}@{target.device}"
-
-
-def token_by_token(fn):
-    """Decoding through ``fn``: one call per token, each from the cache the last one left.
-
-    Same signature and result as dla (o and the trace concatenated over the calls),
-    so that dla_backends.testing checks the decode loop as it is timed.
-    """
-    import array_api_compat
-
-    import dla_ref
-
-    def decode(q, k, v, lam, *, log_alpha=None, beta=None, trace=None, initial_cache=None,
-               **options):
-        xp = array_api_compat.array_namespace(q)
-        at = lambda x, t: None if x is None else x[:, t:t + 1]  # noqa: E731
-        cache, outputs, traces = initial_cache, [], []
-        for t in range(q.shape[1]):
-            forced = None if trace is None else dla_ref.Trace(*(at(x, t) for x in trace))
-            step = fn(at(q, t), at(k, t), at(v, t), at(lam, t), log_alpha=at(log_alpha, t),
-                      beta=at(beta, t), trace=forced, initial_cache=cache, **options)
-            cache = step.cache
-            outputs.append(step.o)
-            traces.append(step.trace)
-        join = lambda xs: xp.concat(xs, axis=1)  # noqa: E731
-        return dla_ref.Result(join(outputs), cache,
-                              dla_ref.Trace(*(join([tr[f] for tr in traces]) for f in range(3))))
-
-    return decode
 
 
 def native(arrays: dict, target: Target) -> dict:
@@ -256,79 +205,208 @@ def native(arrays: dict, target: Target) -> dict:
     return out
 
 
-def synchronizer(target: Target):
-    """A function that waits for the target's device to finish its queued work."""
-    if target.device == "cuda" and target.namespace == "torch":
-        import torch
+# --- decoding: the session, or one dla() call per token ------------------------------------
 
-        return torch.cuda.synchronize
-    if target.namespace == "cupy":
+
+def serves_decode(target: Target) -> bool:
+    """Whether dla_backends.Decoder decodes on this backend (else: dla() per token)."""
+    try:
+        from ..decoder import DECODERS
+    except ImportError:  # no decode session in this version
+        return False
+    return target.name in DECODERS
+
+
+class CallPerToken:
+    """Decoding by one ``dla`` call per token, each from the cache the last one left.
+
+    For the backends the session does not serve (their row says so), and for the
+    +merges figures, which need three runs from one given full cache.
+    """
+
+    def __init__(self, fn, options: dict, initial_cache):
+        self.fn, self.options, self.cache, self.traces = fn, options, initial_cache, []
+
+    def step(self, q, k, v, lam, *, log_alpha=None, beta=None):
+        """One token: q, k [B, H, Dk], v [B, H, Dv], lam [B, H, K] -> o [B, H, Dv]."""
+        at = lambda x: None if x is None else x[:, None]  # noqa: E731  [B, 1, H, ...]
+        result = self.fn(at(q), at(k), at(v), at(lam), log_alpha=at(log_alpha), beta=at(beta),
+                         initial_cache=self.cache, **self.options)
+        self.cache = result.cache
+        self.traces.append(result.trace)
+        return result.o[:, 0]
+
+
+def start_decoding(target: Target, options: dict, start, per_token: bool):
+    """(session, o of the prompt or None): a session that has seen the start.
+
+    start: the prompt's arrays for the session (``Decoder.prefill``), or, per_token,
+    the full Cache the ``dla`` calls begin from.
+    """
+    if per_token:
+        return CallPerToken(entry_point(target), options, start), None
+    from ..decoder import Decoder
+
+    session = Decoder(backend=target.name, record_trace=True, **options)
+    return session, session.prefill(**start)
+
+
+def as_decode_call(target: Target, per_token: bool, prompt_tokens: int):
+    """A callable with dla's signature that decodes as the timing does, for the kit.
+
+    Per token: from the given initial cache. Session: the first ``prompt_tokens``
+    tokens are the prefill, each later one a step; the result covers them all.
+    """
+    import array_api_compat
+
+    import dla_ref
+
+    def decode(q, k, v, lam, *, log_alpha=None, beta=None, initial_cache=None, trace=None,
+               **options):
+        if trace is not None:
+            raise NotImplementedError("the bench decodes by its own decisions, not a forced "
+                                      "trace")
+        xp = array_api_compat.array_namespace(q)
+        arrays = dict(q=q, k=k, v=v, lam=lam, log_alpha=log_alpha, beta=beta)
+        P = 0 if per_token else prompt_tokens
+        start = initial_cache if per_token else cut(arrays, P)
+        session, o_prompt = start_decoding(target, options, start, per_token)
+        at = lambda x, t: None if x is None else x[:, t]  # noqa: E731
+        outputs = [session.step(*(at(arrays[n], t) for n in ("q", "k", "v", "lam")),
+                                log_alpha=at(log_alpha, t), beta=at(beta, t))
+                   for t in range(P, q.shape[1])]
+        join = lambda xs: xp.concat(xs, axis=1)  # noqa: E731
+        o = xp.stack(outputs, axis=1)
+        if per_token:
+            return dla_ref.Result(o, session.cache, dla_ref.Trace(
+                *(join([tr[f] for tr in session.traces]) for f in range(3))))
+        return dla_ref.Result(join([o_prompt, o]), session.cache, session.trace)
+
+    return decode
+
+
+def decode_steps(target: Target, options: dict, start, per_token: bool):
+    """(prepare, call) for timing decode: prepare opens the session on its start and
+    slices the tokens (not timed); call steps through them."""
+
+    def prepare(x):
+        at = lambda name, t: None if x.get(name) is None else x[name][:, t]  # noqa: E731
+        tokens = [{name: at(name, t) for name in ("q", "k", "v", "lam", "log_alpha", "beta")}
+                  for t in range(x["q"].shape[1])]
+        return start_decoding(target, options, start, per_token)[0], tokens
+
+    def call(state):
+        session, tokens = state
+        for t in tokens:
+            session.step(t["q"], t["k"], t["v"], t["lam"], log_alpha=t["log_alpha"],
+                         beta=t["beta"])
+
+    return prepare, call
+
+
+# --- clocks: how one call is timed -----------------------------------------------------------
+
+
+class HostClock:
+    """Wall time on the host, the device waited for after the call.
+
+    No warm-up of its own: the Timer's probe has compiled and warmed up already.
+    """
+
+    warmup = 0
+
+    def __init__(self, sync):
+        self.sync = sync
+
+    def time_one(self, call, state) -> float:
+        start = time.perf_counter()
+        call(state)
+        self.sync()
+        return time.perf_counter() - start
+
+
+class CudaClock:
+    """CUDA events around the call, L2 flushed before it, one full-size warm-up call.
+
+    event(): a new timing event (record, synchronize, elapsed_time(other) in ms);
+    flush(): writes a buffer larger than the L2 cache, so that no call finds its inputs
+    (or the last call's outputs) there: a kernel is timed reading from memory, as it
+    would inside a model.
+    """
+
+    warmup = 1
+
+    def __init__(self, event, flush):
+        self.event, self.flush = event, flush
+
+    def time_one(self, call, state) -> float:
+        self.flush()
+        start, end = self.event(), self.event()
+        start.record()
+        call(state)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def least(clock, prepare, call, x, repeat: int) -> float:
+    """The least time of ``repeat`` calls of call(prepare(x)), after the clock's warm-up.
+
+    prepare (opening a decode session, slicing tokens) is not timed. The minimum, not
+    the mean: other work on the machine only ever adds time.
+    """
+    times = [clock.time_one(call, prepare(x)) for _ in range(clock.warmup + repeat)]
+    return min(times[clock.warmup:])
+
+
+def flush_bytes(l2_bytes: int) -> int:
+    """Size of the L2-flushing buffer: twice the L2 cache, at least 256 MiB."""
+    return max(2 * l2_bytes, 256 << 20)
+
+
+def cuda_clock() -> CudaClock:
+    """The CudaClock of torch's current device (torch events also time cupy's null stream)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    buffer = torch.empty(flush_bytes(getattr(props, "L2_cache_size", 0)), dtype=torch.uint8,
+                         device="cuda")
+    return CudaClock(lambda: torch.cuda.Event(enable_timing=True), buffer.zero_)
+
+
+def clock_for(target: Target, cuda: CudaClock | None):
+    """CUDA events for a CUDA target when torch can record them; else the host clock."""
+    if target.device == "cuda" and cuda is not None:
+        return cuda
+    if target.device == "cuda" and target.namespace == "cupy":
         import cupy
 
-        return lambda: cupy.cuda.Device().synchronize()
-    return lambda: None
-
-
-# --- checking and timing -------------------------------------------------------------------------
-
-
-def check(target: Target, w: Workload, arrays: dict) -> float:
-    """dla_backends.testing.check_case on the target (token by token for decode).
-
-    Returns the largest share of a tolerance budget used; raises AssertionError,
-    or NotImplementedError where the backend does not support the workload.
-    """
-    from ..testing import Candidate, Case, check_case
-
-    fn = entry_point(target)
-    if w.decode:
-        fn = token_by_token(fn)
-    candidate = Candidate(label=f"{target.name}@{target.device}", load=lambda: fn,
-                          namespace=target.namespace, device=target.device, dtype="float32",
-                          state_dtype=None, rebuild=f"dla bench --backends {target.name}")
-    tokens = {k: v for k, v in arrays.items() if k != "initial_cache"}
-    case = Case(**tokens, initial_cache=arrays.get("initial_cache"),
-                options=dict(backbone=w.backbone, tau=TAU, capacity=w.K, score="token",
-                             normalize=True, slots="oldest-first"))
-    return check_case(candidate, case)
-
-
-def seconds(call, sync, repeat: int) -> float:
-    """The least wall time of ``repeat`` calls, each waited for on the device.
-
-    The minimum, not the mean: on a shared machine other work only ever adds time.
-    """
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        return HostClock(lambda: cupy.cuda.Device().synchronize())
+    return HostClock(lambda: None)
 
 
 class Timer:
     """Times calls of one target on one workload within a time budget.
 
-    ``measure(run, arrays)`` warms up on the check's tokens, projects the full time,
-    and times on the full T if that fits the budget, else on fewer tokens (a
-    multiple of 64, at least the check's); returns (seconds per token, tokens timed).
+    ``measure(prepare, call, arrays)`` probes on the check's tokens (which warms up and
+    compiles), projects the full time, and times on the full T if that fits the budget,
+    else on fewer tokens (a multiple of 64, at least the check's); returns (seconds per
+    token, tokens timed).
     """
 
-    def __init__(self, target, T, check_tokens, budget, repeat):
-        self.sync = synchronizer(target)
-        self.target, self.T, self.check_tokens = target, T, check_tokens
+    def __init__(self, target, clock, T, check_tokens, budget, repeat):
+        self.target, self.clock, self.T, self.check_tokens = target, clock, T, check_tokens
         self.budget, self.repeat = budget, repeat
 
-    def measure(self, run, arrays, limit=None):
+    def measure(self, prepare, call, arrays, limit=None):
         T = min(self.T, limit or self.T)
         small = min(self.check_tokens, T)
-        probe = seconds(lambda: run(native(cut(arrays, small), self.target)), self.sync, 1)
+        probe = least(self.clock, prepare, call, native(cut(arrays, small), self.target), 1)
         projected = probe * T / small * self.repeat
         if projected > self.budget:
             T = max(small, int(T * self.budget / projected) // 64 * 64)
         inputs = native(cut(arrays, T), self.target)
-        return seconds(lambda: run(inputs), self.sync, self.repeat) / T, T
+        return least(self.clock, prepare, call, inputs, self.repeat) / T, T
 
 
 def matmul_rate(device: str) -> float:
@@ -340,13 +418,35 @@ def matmul_rate(device: str) -> float:
 
         a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
         a @ a
-        return 2 * 2048 ** 3 / seconds(lambda: a @ a, lambda: None, 5)
+        return 2 * 2048 ** 3 / least(HostClock(lambda: None), lambda x: x, lambda x: x @ x, a, 5)
     n = 8192 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ a
     sync()
-    return 2 * n ** 3 / seconds(lambda: a @ a, sync, 5)
+    return 2 * n ** 3 / least(HostClock(sync), lambda x: x, lambda x: x @ x, a, 5)
+
+
+def copy_pass_seconds(target: Target, w: Workload, clock, repeat: int) -> float:
+    """Seconds of one read-and-write pass over a decode cache's states, on the target.
+
+    A copy of B H K Dk Dv float32 values between two arrays of the target's namespace
+    and device: the memory traffic a decode step cannot avoid.
+    """
+    import numpy as np
+
+    from ..testing import to_native
+
+    shape = (w.B, w.H, w.K, w.D, w.D)
+    src, dst = (to_native(np.ones(shape), target.namespace, target.device, "float32")
+                for _ in range(2))
+    if target.namespace == "numpy":
+        return least(clock, lambda x: x, lambda x: np.copyto(dst, x), src, repeat + 1)
+    if target.namespace == "cupy":
+        import cupy
+
+        return least(clock, lambda x: x, lambda x: cupy.copyto(dst, x), src, repeat + 1)
+    return least(clock, lambda x: x, dst.copy_, src, repeat + 1)
 
 
 def essential_flops(w: Workload, T: int) -> float:
@@ -360,147 +460,313 @@ def cache_bytes(w: Workload) -> float:
     return 2 * w.K * w.D * w.D * 4 * w.B * w.H
 
 
-# --- one backend on one workload ---------------------------------------------------------------
+# --- one backend on one workload, in phases ----------------------------------------------------
 
 
-def bench_one(target: Target, name: str, w: Workload, T: int, args, arrays, caches, matmul,
-              say) -> dict:
-    """Check, then time one target on one workload; returns its JSON row.
+@dataclass
+class Job:
+    """One target on one workload, with its NumPy inputs.
 
-    arrays: the workload's NumPy inputs (T tokens); caches: capacity -> the full
-    initial Cache decoding starts from (decode only); matmul: flop/s.
+    arrays: the T timed tokens. Decode only: prompt, the tokens a session prefills to
+    fill its cache; caches, capacity -> the reference's cache after them (where
+    per-token ``dla`` calls start).
     """
+
+    target: Target
+    name: str
+    w: Workload
+    T: int
+    arrays: dict
+    prompt: dict | None = None
+    caches: dict = field(default_factory=dict)
+
+    @property
+    def per_token(self) -> bool:
+        """Decode through dla() per token: the session does not serve this backend."""
+        return not serves_decode(self.target)
+
+
+def runner(job: Job, per_token: bool | None = None, **changes):
+    """(prepare, call) of one figure: DLA with the workload's options, some changed."""
+    options = {**dict(backbone=job.w.backbone, tau=TAU, capacity=job.w.K), **changes}
+    if not job.w.decode:
+        fn = entry_point(job.target)
+        return (lambda x: x), (lambda x: fn(**x, **options))
+    per_token = job.per_token if per_token is None else per_token
+    K = options["capacity"]
+    start = (native({"initial_cache": job.caches[K]}, job.target)["initial_cache"] if per_token
+             else native({**job.prompt, "lam": job.prompt["lam"][..., :K]}, job.target))
+    return decode_steps(job.target, options, start, per_token)
+
+
+def inputs(job: Job, capacity: int) -> dict:
+    """The job's timed tokens for DLA at ``capacity`` (lam's first columns)."""
+    return {**job.arrays, "lam": job.arrays["lam"][..., :capacity]}
+
+
+def check_case_of(job: Job, check_tokens: int):
+    """The kit's Case for the job's first tokens: decode by session includes its prompt."""
+    from ..testing import Case
+
+    tokens = cut(job.arrays, check_tokens)
+    start = {}
+    if job.w.decode and job.per_token:
+        start = dict(initial_cache=job.caches[job.w.K])
+    elif job.w.decode:
+        import numpy as np
+
+        tokens = {n: None if x is None else np.concatenate([job.prompt[n], x], axis=1)
+                  for n, x in tokens.items()}
+    return Case(**tokens, **start, options=dict(backbone=job.w.backbone, tau=TAU,
+                                                capacity=job.w.K, score="token",
+                                                normalize=True, slots="oldest-first"))
+
+
+def check(job: Job, check_tokens: int) -> float:
+    """Phase 1: dla_backends.testing.check_case on the job's first tokens, decoded as timed.
+
+    Returns the largest share of a tolerance budget used; raises AssertionError, or
+    NotImplementedError where the backend does not support the workload.
+    """
+    from ..testing import Candidate, check_case
+
+    fn = entry_point(job.target)
+    if job.w.decode:
+        fn = as_decode_call(job.target, job.per_token, job.w.K + 2)
+    candidate = Candidate(label=f"{job.target.name}@{job.target.device}", load=lambda: fn,
+                          namespace=job.target.namespace, device=job.target.device,
+                          dtype="float32", state_dtype=None,
+                          rebuild=f"dla bench --backends {job.target.name}")
+    return check_case(candidate, check_case_of(job, check_tokens))
+
+
+def time_dla(job: Job, timer: Timer, matmul: float, limit) -> dict:
+    """Phase 2: DLA itself; tokens/s, and the share of matmul throughput (prefill)."""
+    per_token, timed = timer.measure(*runner(job), inputs(job, job.w.K), limit)
+    row = dict(T_timed=timed, seconds_per_token=per_token)
+    if job.w.decode:
+        return {**row, "tokens_per_s": 1 / per_token,
+                "decode_GBps": cache_bytes(job.w) / per_token / 1e9,
+                "decode_session": "dla() per token" if job.per_token else "Decoder"}
+    return {**row, "tokens_per_s": job.w.B / per_token,
+            "matmul_fraction": essential_flops(job.w, 1) / per_token / matmul}
+
+
+def time_single_state(job: Job, timer: Timer, row: dict) -> dict:
+    """Phase 3: the same backend at capacity 1 (the plain backbone): K30/K1."""
+    per_single, _ = timer.measure(*runner(job, capacity=1), inputs(job, 1), row["T_timed"])
+    return dict(K30_over_K1=row["seconds_per_token"] / per_single)
+
+
+def time_decode_extras(job: Job, timer: Timer, row: dict, repeat: int) -> dict:
+    """Phase 4 (decode): one copy of the cache; tau = 0.6, +inf, -inf from one full cache.
+
+    The tau figures run dla() per token from the same given cache (a session starts
+    from a prompt, and at +inf no prompt fills it). +inf never opens a slot (every token
+    still transitions, scores, absorbs and reads K states); -inf opens one at every
+    token, so a full cache merges at every token.
+    """
+    copy = copy_pass_seconds(job.target, job.w, timer.clock, repeat)
+    per_tau = {tau: timer.measure(*runner(job, per_token=True, tau=tau), inputs(job, job.w.K),
+                                  row["T_timed"])[0]
+               for tau in (TAU, math.inf, -math.inf)}
+    never = per_tau[math.inf]
+    return dict(merge_overhead=per_tau[TAU] / never - 1,
+                merge_overhead_worst=per_tau[-math.inf] / never - 1,
+                copy_seconds=copy, step_over_copy=row["seconds_per_token"] / copy,
+                loglinear_form="n/a: Log-Linear has no decode entry (no initial cache)")
+
+
+def time_loglinear(job: Job, timer: Timer, row: dict) -> dict:
+    """Phase 4 (prefill): Log-Linear Attention at the same T through the same backend."""
     import dla_ref
 
-    row = dict(backend=target.name, device=target.device, workload=name, status="ok")
+    ll, form = loglinear_entry(job.target)
+    levels = {**job.arrays, "lam": job.arrays["lam"][..., :dla_ref.fenwick_levels(row["T_timed"])]}
+    call = lambda x: ll(**x, backbone=job.w.backbone)  # noqa: E731
+    try:
+        per_ll, _ = timer.measure(lambda x: x, call, levels, row["T_timed"])
+    except NotImplementedError as exc:
+        return dict(loglinear_form=f"n/a: {exc}")
+    return dict(DLA_over_loglinear=row["seconds_per_token"] / per_ll, loglinear_form=form)
+
+
+def bench_one(job: Job, args, matmul: float, cuda, say) -> dict:
+    """Check, then time one target on one workload (the phases above); returns its JSON row."""
+    target = job.target
+    row = dict(backend=target.name, device=target.device, workload=job.name, status="ok")
     if target.skip:
         return {**row, "status": "skipped", "reason": target.skip}
-    fn = entry_point(target)
-    run = token_by_token(fn) if w.decode else fn
-    options = dict(backbone=w.backbone, tau=TAU, capacity=w.K)
-    start = (lambda K: {"initial_cache": caches[K]}) if w.decode else (lambda K: {})
-    check_tokens = min(T, args.check_tokens)
+    check_tokens = min(job.T, args.check_tokens)
     if target.name != "reference":  # the reference is what the others are checked against
         say(f"checking on {check_tokens} tokens")
         try:
-            row["check_budget_share"] = check(target, w, {**cut(arrays, check_tokens),
-                                                          **start(w.K)})
+            row["check_budget_share"] = check(job, check_tokens)
         except NotImplementedError as exc:
             return {**row, "status": "n/a", "reason": str(exc)}
         except AssertionError as exc:
             return {**row, "status": "FAILED", "reason": str(exc).splitlines()[0]}
-
-    timer = Timer(target, T, check_tokens, args.budget, args.repeat)
+    timer = Timer(target, clock_for(target, cuda), job.T, check_tokens, args.budget, args.repeat)
     limit = args.reference_tokens if target.name == "reference" else None
     say("timing DLA")
-    per_token, timed = timer.measure(lambda x: run(**x, **options),
-                                     {**arrays, **start(w.K)}, limit)
-    row.update(T_timed=timed, seconds_per_token=per_token)
-    if w.decode:
-        row.update(tokens_per_s=1 / per_token, decode_GBps=cache_bytes(w) / per_token / 1e9)
-    else:
-        row.update(tokens_per_s=w.B / per_token,
-                   matmul_fraction=essential_flops(w, 1) / per_token / matmul)
-
+    row.update(time_dla(job, timer, matmul, limit))
     say("timing the single-state backbone (K = 1)")
-    one = {**arrays, "lam": arrays["lam"][..., :1], **start(1)}
-    per_single, _ = timer.measure(lambda x: run(**x, **{**options, "capacity": 1}), one, timed)
-    row["K30_over_K1"] = per_token / per_single
-
-    if w.decode:
-        say("timing tau = +inf (no boundary, no merge) and -inf (a merge at every token)")
-        never, always = (timer.measure(lambda x: run(**x, **{**options, "tau": tau}),
-                                       {**arrays, **start(w.K)}, timed)[0]
-                         for tau in (math.inf, -math.inf))
-        row.update(merge_overhead=per_token / never - 1, merge_overhead_worst=always / never - 1)
-        row["loglinear_form"] = "n/a: Log-Linear has no decode entry (no initial cache)"
-        return row
-    ll, form = loglinear_entry(target)
-    say(f"timing Log-Linear ({form})")
-    levels = {**arrays, "lam": arrays["lam"][..., :dla_ref.fenwick_levels(timed)]}
-    try:
-        per_ll, _ = timer.measure(lambda x: ll(**x, backbone=w.backbone), levels, timed)
-    except NotImplementedError as exc:
-        row["loglinear_form"] = f"n/a: {exc}"
-        return row
-    row.update(DLA_over_loglinear=per_token / per_ll, loglinear_form=form)
+    row.update(time_single_state(job, timer, row))
+    if job.w.decode:
+        say("timing tau = +inf and -inf, and one copy of the cache")
+        row.update(time_decode_extras(job, timer, row, args.repeat))
+    else:
+        say("timing Log-Linear")
+        row.update(time_loglinear(job, timer, row))
     return row
+
+
+# --- anchors on CUDA: flash-linear-attention's kernels at the same shapes -----------------
+
+
+def fla_anchors(w: Workload, name: str, T: int, clock, repeat: int, say) -> list[dict]:
+    """Rows for fla's chunked Log-Linear and single-state chunked simple-GLA (Mamba-2 form).
+
+    Timed like the backends, on the workload's float32 inputs ([B, T, H, D], fla's layout;
+    g = log alpha, zero for linear; Log-Linear's level scales = lam's first L columns,
+    L = ceil(log2 T) + 1 as fla's naive form counts levels). fla's outputs are not checked
+    against the reference (another parameterisation); they are anchors, not candidates.
+    Where fla does not import: one row that says why.
+    """
+    row = dict(device="cuda", workload=name, T=T)
+    try:
+        from fla.ops.log_linear_attn import chunk_log_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as exc:
+        say(f"fla anchors skipped: {exc}")
+        return [{**row, "backend": "fla", "status": "skipped", "reason": f"no fla: {exc}"}]
+    import torch
+
+    x = {k: None if v is None else torch.tensor(v, dtype=torch.float32, device="cuda")
+         for k, v in piecewise_inputs(w, T, 0).items()}
+    g = x["log_alpha"] if x["log_alpha"] is not None else torch.zeros_like(x["q"][..., 0])
+    L = math.ceil(math.log2(T)) + 1
+    kernels = {"fla:log-linear": lambda _: chunk_log_linear_attn(
+                   x["q"], x["k"], x["v"], g, x["lam"][..., :L]),
+               "fla:simple-gla": lambda _: chunk_simple_gla(x["q"], x["k"], x["v"], g=g)}
+    rows = []
+    for label, call in kernels.items():
+        try:
+            seconds = least(clock, lambda x: x, call, None, repeat)
+        except Exception as exc:  # an anchor's failure is reported, never fatal
+            rows.append({**row, "backend": label, "status": "FAILED anchor", "reason": str(exc)})
+            continue
+        rows.append({**row, "backend": label, "status": "ok", "T_timed": T,
+                     "seconds_per_token": seconds / T, "tokens_per_s": w.B * T / seconds})
+    return rows
 
 
 # --- the command ------------------------------------------------------------------------------
 
 
 def add_arguments(parser):
+    from .. import implementations
+    from . import comma_list, count, number, output_path
+
     parser.add_argument("--quick", action="store_true",
                         help="T / 16 (at least 64), fewer check tokens, one repeat, 20 s "
                              "budget: a smoke test or a one-shot GPU run")
-    parser.add_argument("--backends", default="",
-                        help="comma list of registry names (default: all)")
-    parser.add_argument("--workloads", default="",
+    parser.add_argument("--backends", type=comma_list(list(implementations("dla"))), default=[],
+                        help=f"comma list of {', '.join(implementations('dla'))} (default: all)")
+    parser.add_argument("--workloads", type=comma_list(list(WORKLOADS)), default=[],
                         help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where torch/cupy backends run (default: cuda if torch sees one)")
-    parser.add_argument("--json", default="dla_bench.json", metavar="PATH",
-                        help="where to write the results (default dla_bench.json)")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--json", type=output_path(""), default="dla_bench.json",
+                        metavar="PATH", help="where to write the results (default dla_bench.json)")
+    parser.add_argument("--tokens", type=count(1), default=None,
                         help="override T of every workload (e.g. tiny sizes in tests)")
-    parser.add_argument("--check-tokens", type=int, default=None,
+    parser.add_argument("--check-tokens", type=count(1), default=None,
                         help="tokens of the correctness check (default 64; quick 16)")
-    parser.add_argument("--reference-tokens", type=int, default=None,
+    parser.add_argument("--reference-tokens", type=count(1), default=None,
                         help="tokens the reference is timed on (default 128; quick 32)")
-    parser.add_argument("--repeat", type=int, default=None,
+    parser.add_argument("--repeat", type=count(1), default=None,
                         help="timed calls per figure, the least reported (default 3; quick 1)")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=number(finite=True, positive=True), default=None,
                         help="seconds one figure may take before it is timed on fewer "
                              "tokens (default 60; quick 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count(0), default=0)
+
+
+def settle(args) -> str:
+    """Fill the defaults that depend on --quick; returns the device (checked to exist)."""
+    defaults = dict(check_tokens=(16, 64), reference_tokens=(32, 128), repeat=(1, 3),
+                    budget=(20.0, 60.0))
+    for name, (fast, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, fast if args.quick else full)
+    device = args.device or ("cuda" if cuda_device() else "cpu")
+    if device == "cuda" and not cuda_device():
+        from . import UsageError
+
+        raise UsageError("--device cuda: no CUDA device here (neither torch nor cupy sees one)")
+    return device
+
+
+def cuda_device() -> bool:
+    """Whether torch or cupy sees a CUDA device."""
+    from .. import get
+
+    try:
+        import torch
+    except ImportError:
+        return get("cupy").available()[0]
+    return torch.cuda.is_available() or get("cupy").available()[0]
+
+
+def jobs(args, device):
+    """Every (target, workload) to run, with its inputs, workload-major."""
+    chosen = targets(args.backends, device)
+    for name in args.workloads or list(WORKLOADS):
+        w = WORKLOADS[name]
+        T = args.tokens or (max(64, w.T // 16) if args.quick else w.T)
+        arrays = piecewise_inputs(w, T, args.seed)
+        prompt = decode_prompt(w, args.seed) if w.decode else None
+        caches = {K: full_cache(w, prompt, K) for K in (w.K, 1)} if w.decode else {}
+        for target in chosen:
+            yield Job(target, name, w, T, arrays, prompt, caches)
+
+
+def run_all(args, device, matmul, say) -> list[dict]:
+    """Every job's row (and on CUDA the fla anchors per prefill workload), in order."""
+    todo = list(jobs(args, device))
+    cuda = cuda_clock() if device == "cuda" and torch_cuda() else None
+    rows = []
+    for i, job in enumerate(todo, 1):
+        prefix = f"[{i}/{len(todo)}] {job.target.name}@{job.target.device} {job.name} (T={job.T})"
+        begun = time.perf_counter()
+        row = bench_one(job, args, matmul, cuda, lambda m, p=prefix: say(f"{p}: {m}"))
+        row.update(T=job.T, **{k: getattr(job.w, k) for k in ("B", "H", "D", "K", "backbone")})
+        say(f"{prefix}: {row['status']} ({time.perf_counter() - begun:.1f} s)")
+        rows.append(row)
+        last_of_workload = i == len(todo) or todo[i].name != job.name
+        if cuda is not None and last_of_workload and job.w.backbone != "gdn" and not job.w.decode:
+            rows += fla_anchors(job.w, job.name, job.T, cuda, args.repeat, say)
+    add_reference_ratios(rows)
+    return rows
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def run(args) -> int:
-    quick = args.quick
-    defaults = dict(check_tokens=(16, 64), reference_tokens=(32, 128), repeat=(1, 3),
-                    budget=(20.0, 60.0))
-    for field, (fast, full) in defaults.items():
-        if getattr(args, field) is None:
-            setattr(args, field, fast if quick else full)
-    device = args.device or default_device()
-    names = [n for n in args.backends.split(",") if n]
-    workloads = [n for n in args.workloads.split(",") if n] or list(WORKLOADS)
-    unknown = [n for n in workloads if n not in WORKLOADS]
-    if unknown:
-        raise SystemExit(f"dla bench: unknown workload(s) {unknown}; known: {list(WORKLOADS)}")
-    chosen = targets(names, device)
+    device = settle(args)
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-
     load_before = os.getloadavg()  # other work on the machine skews timings: recorded
     say(f"dla bench: measuring float32 matmul throughput on {device}")
     matmul = matmul_rate(device)
-    rows = []
-    jobs = [(t, n) for n in workloads for t in chosen]
-    for i, (target, name) in enumerate(jobs, 1):
-        w = WORKLOADS[name]
-        T = args.tokens or (max(64, w.T // 16) if quick else w.T)
-        arrays = piecewise_inputs(w, T, args.seed)
-        caches = {K: full_cache(w, K, args.seed) for K in (w.K, 1)} if w.decode else {}
-        prefix = f"[{i}/{len(jobs)}] {target.name}@{target.device} {name} (T={T})"
-        begun = time.perf_counter()
-        row = bench_one(target, name, w, T, args, arrays, caches, matmul,
-                        lambda message: say(f"{prefix}: {message}"))
-        row.update(T=T, **{k: getattr(w, k) for k in ("B", "H", "D", "K", "backbone")})
-        say(f"{prefix}: {row['status']} ({time.perf_counter() - begun:.1f} s)")
-        rows.append(row)
-    add_reference_ratios(rows)
-
-    report = dict(command=" ".join(sys.argv), quick=quick, machine=machine(device),
-                  versions=versions(),
-                  device=device, dtype="float32", matmul_GFLOPs=matmul / 1e9, tau=TAU,
-                  essential_chunk=ESSENTIAL_CHUNK,
-                  inputs="piecewise stationary (see dla_backends.cli.bench)",
-                  workloads={n: dict(WORKLOADS[n].__dict__) for n in workloads},
-                  settings=dict(check_tokens=args.check_tokens,
-                                reference_tokens=args.reference_tokens, repeat=args.repeat,
-                                budget_s=args.budget, seed=args.seed, tokens=args.tokens),
-                  results=rows)
+    rows = run_all(args, device, matmul, say)
+    report = make_report(args, device, matmul, rows)
     report["machine"].update(load_average_before=load_before, load_average_after=os.getloadavg())
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=float)
@@ -509,12 +775,20 @@ def run(args) -> int:
     return 1 if any(r["status"] == "FAILED" for r in rows) else 0
 
 
-def default_device() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def make_report(args, device, matmul, rows) -> dict:
+    """The JSON document: the command, the machine, the settings, every row."""
+    workloads = args.workloads or list(WORKLOADS)
+    return dict(command=" ".join(sys.argv), quick=args.quick, machine=machine(device),
+                versions=versions(), device=device, dtype="float32",
+                matmul_GFLOPs=matmul / 1e9, tau=TAU, essential_chunk=ESSENTIAL_CHUNK,
+                inputs="piecewise stationary (see dla_backends.cli.bench.piecewise_inputs)",
+                workloads={n: dict(WORKLOADS[n].__dict__) for n in workloads},
+                timing="CUDA events, L2 flushed" if device == "cuda" and torch_cuda()
+                else "host wall clock",
+                settings=dict(check_tokens=args.check_tokens,
+                              reference_tokens=args.reference_tokens, repeat=args.repeat,
+                              budget_s=args.budget, seed=args.seed, tokens=args.tokens),
+                results=rows)
 
 
 def add_reference_ratios(rows) -> None:
@@ -535,7 +809,7 @@ def machine(device: str) -> dict:
         import torch
 
         info["torch_threads"] = torch.get_num_threads()
-        if device == "cuda":
+        if device == "cuda" and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     except ImportError:
         pass
@@ -559,7 +833,7 @@ def versions() -> dict:
 
     out = {}
     for package in ("numpy", "array-api-compat", "torch", "numba", "triton", "cupy-cuda13x",
-                    "dla-reference"):
+                    "fla-core", "dla-reference"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -567,29 +841,71 @@ def versions() -> dict:
     return out
 
 
+# --- the table: 100 columns; the detail is in the JSON -------------------------------------
+
+WIDTH = 100
+PREFILL_COLUMNS = ("backend", "workload", "T", "tok/s", "x ref", "K30/K1", "DLA/LL", "matmul")
+DECODE_COLUMNS = ("backend", "T", "ms/token", "x ref", "K30/K1", "copy ms", "x copy",
+                  "+merges")
+
+
+def overhead(x: float) -> str:
+    """A relative overhead: '+12%', or 'within noise' where the difference is negative."""
+    return "within noise" if x < 0 else f"+{x:.0%}"
+
+
+def figure(row: dict, key: str, spec: str, scale: float = 1.0) -> str:
+    return format(row[key] * scale, spec) if key in row else "-"
+
+
+def prefill_cells(r: dict) -> list[str]:
+    return [f"{r['backend']}@{r['device']}", r["workload"], str(r.get("T_timed", "-")),
+            figure(r, "tokens_per_s", ".4g"), figure(r, "over_reference", ".3g"),
+            figure(r, "K30_over_K1", ".3g"), figure(r, "DLA_over_loglinear", ".3g"),
+            figure(r, "matmul_fraction", ".1%")]
+
+
+def decode_cells(r: dict) -> list[str]:
+    return [f"{r['backend']}@{r['device']}", str(r.get("T_timed", "-")),
+            figure(r, "seconds_per_token", ".3g", 1e3), figure(r, "over_reference", ".3g"),
+            figure(r, "K30_over_K1", ".3g"), figure(r, "copy_seconds", ".3g", 1e3),
+            figure(r, "step_over_copy", ".3g"),
+            overhead(r["merge_overhead"]) if "merge_overhead" in r else "-"]
+
+
+def note(r: dict) -> str:
+    """The row's status and reason, or what it was compared with, in a few words."""
+    if r["status"] != "ok":
+        return f"{r['status']}: {r.get('reason', '')}"
+    parts = [f"timed on {r['T_timed']} of {r['T']} tokens"] if r.get("T_timed") != r.get("T") \
+        else []
+    if r.get("decode_session", "Decoder") != "Decoder":
+        parts.append(r["decode_session"])
+    if "DLA_over_loglinear" in r and not r["loglinear_form"].startswith("dla_ref"):
+        parts.append(f"LL: {r['loglinear_form'].rsplit('.', 2)[-2]}")
+    return "; ".join(parts)
+
+
+def render(columns, lines) -> list[str]:
+    """Fixed-width rows; the last column (notes) is cut to what is left of WIDTH."""
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    left = WIDTH - sum(widths[:-1]) - 2 * (len(widths) - 1)  # two spaces between columns
+    widths[-1] = min(widths[-1], max(len(columns[-1]), left))
+    cut_to = lambda text, w: text if len(text) <= w else text[:w - 3] + "..."  # noqa: E731
+    def cells(line):
+        return "  ".join(cut_to(c, w).ljust(w) for c, w in zip(line, widths)).rstrip()
+    return [cells(columns), cells(["-" * w for w in widths])] + [cells(line) for line in lines]
+
+
 def table(rows, report) -> str:
-    """The results as a fixed-width text table, with the run's context above it."""
-    head = (f"dla bench on {report['device']} ({report['machine']['cpu']}"
-            + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
-            + f"), float32 inputs, tau = {TAU}; matmul {report['matmul_GFLOPs']:.1f} GFLOP/s")
-    columns = ("backend", "workload", "T timed", "tok/s", "x ref", "K30/K1", "DLA/LL",
-               "matmul", "decode", "notes")
-    lines = []
-    for r in rows:
-        fmt = lambda key, spec: format(r[key], spec) if key in r else "-"  # noqa: E731
-        decode = (f"{r['merge_overhead']:+.0%} ({r['merge_overhead_worst']:+.0%} worst), "
-                  f"{r['decode_GBps']:.2f} GB/s" if "merge_overhead" in r else "-")
-        notes = r.get("reason", "") if r["status"] != "ok" else r.get("loglinear_form", "")
-        if r["status"] == "ok" and r.get("T_timed") != r.get("T"):
-            notes = f"timed on {r['T_timed']} tokens, per token; " + notes
-        lines.append((f"{r['backend']}@{r['device']}", r["workload"],
-                      str(r.get("T_timed", "-")), fmt("tokens_per_s", ".4g"),
-                      fmt("over_reference", ".3g"), fmt("K30_over_K1", ".3g"),
-                      fmt("DLA_over_loglinear", ".3g"), fmt("matmul_fraction", ".1%"), decode,
-                      (r["status"] + ": " if r["status"] != "ok" else "") + notes[:90]))
-    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c)
-              for i, c in enumerate(columns)]
-    def render(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([head, render(columns), render(["-" * w for w in widths])]
-                     + [render(line) for line in lines])
+    """The results as fixed-width text: the run's context, a prefill and a decode table."""
+    gpu = f", {report['machine']['gpu']}" if "gpu" in report["machine"] else ""
+    out = [f"dla bench on {report['device']} ({report['machine']['cpu']}{gpu}), float32, "
+           f"tau = {TAU}; matmul {report['matmul_GFLOPs']:.1f} GFLOP/s; {report['timing']}"]
+    for decode, columns, cells in ((False, PREFILL_COLUMNS, prefill_cells),
+                                   (True, DECODE_COLUMNS, decode_cells)):
+        chosen = [r for r in rows if WORKLOADS[r["workload"]].decode == decode]
+        if chosen:
+            out += [""] + render(columns + ("notes",),
+                                 [cells(r) + [note(r)] for r in chosen])
+    return "\n".join(out)
