@@ -42,7 +42,7 @@ from dla_ref.validation import check_float_array
 from dla_ref.vjp import Gradients
 
 from .. import host
-from .numba_scan import BACKBONE_CODE, GDN, MAMBA2, scan_stream
+from .numba_scan import BACKBONE_CODE, GDN, LINEAR, MAMBA2, copy_into, scan_stream
 
 
 class Saved(NamedTuple):
@@ -165,12 +165,16 @@ def scan_checkpointed(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, bound
 
 # --- backward: per stream, chunk by chunk from the last ----------------------------------
 
+# The adjoint kernels may reassociate sums (so that LLVM vectorizes the reductions):
+# they make no decision, and a gradient's rounding does not depend on a fixed order.
+REASSOC = {"reassoc", "contract", "nsz", "arcp"}
+
 
 @njit(cache=True, parallel=True)
 def backward_streams(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, dS, C,
                      backbone, newest_first, dq, dk, dv, dlam, dlog_alpha, dbeta):
     """``backward_stream`` for every stream, in parallel. dS [N, K, Dk, Dv]: in, the
-    final cache's adjoint; out, the initial cache's. The d* outputs are [N, T, ...] zeros."""
+    final cache's adjoint; out, the initial cache's. The d* outputs are [N, T, ...]."""
     for i in prange(q.shape[0]):
         backward_stream(q[i], k[i], v[i], lam[i], alpha[i], beta[i], boundary[i], merged[i],
                         ckS[i], ckm[i], do[i], dS[i], C, backbone, newest_first, dq[i],
@@ -180,33 +184,43 @@ def backward_streams(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, 
 @njit(cache=True)
 def backward_stream(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, dS, C,
                     backbone, newest_first, dq, dk, dv, dlam, dlog_alpha, dbeta):
-    """One stream: t = T-1 ... 0, on the caches recomputed chunk by chunk.
+    """One stream, t = T-1 ... 0, on the caches recomputed chunk by chunk.
 
     Token arrays [T, ...]; ckS [T/C, K, Dk, Dv], ckm [T/C] the checkpoints; dS [K, Dk, Dv]
     the adjoint of the cache after token T-1, replaced by that of the initial cache.
+    The adjoint of token t+1's transition and that of token t's readout read the same
+    states (the cache after token t), so they run in one sweep (``read_transition_adjoint``);
+    the write and merge adjoints of token t follow. Token 0's transition is left at the end.
     """
     T = q.shape[0]
     K, Dk, Dv = dS.shape
+    last = ckS.shape[0] - 1
     states = np.empty((C + 1, K, Dk, Dv), dS.dtype)
     ms = np.empty(C + 1, np.int64)
     scratch = np.empty((3, max(Dk, Dv)), dS.dtype)
-    clear_slots(dS, final_m(ckm[ckS.shape[0] - 1], boundary, merged,
-                            (ckS.shape[0] - 1) * C, T), K)
-    for c in range(ckS.shape[0] - 1, -1, -1):
+    clear_slots(dS, final_m(ckm[last], boundary, merged, last * C, T), K)
+    for c in range(last, -1, -1):
         t0, t1 = c * C, min(c * C + C, T)
-        states[0] = ckS[c]
-        ms[0] = ckm[c]
-        for t in range(t0, t1):
-            ms[t - t0 + 1] = forward_step(states[t - t0], ms[t - t0], states[t - t0 + 1],
-                                          k[t], v[t], alpha[t], beta[t], boundary[t],
-                                          merged[t], backbone, scratch[0])
+        recompute(states, ms, ckS[c], ckm[c], k[t0:t1], v[t0:t1], alpha[t0:t1], beta[t0:t1],
+                  boundary[t0:t1], merged[t0:t1], backbone, scratch[0])
         for t in range(t1 - 1, t0 - 1, -1):
-            dalpha, db = step_adjoint(states[t - t0], ms[t - t0], states[t - t0 + 1],
-                                      ms[t - t0 + 1], q[t], k[t], v[t], lam[t], alpha[t],
-                                      beta[t], boundary[t], merged[t], do[t], dS, backbone,
-                                      newest_first, dq[t], dk[t], dv[t], dlam[t], scratch)
-            dlog_alpha[t] = alpha[t] * dalpha
-            dbeta[t] = db
+            u = min(t + 1, T - 1)  # the next token, whose transition's adjoint is pending
+            pending = backbone if t + 1 < T else LINEAR  # none after the last token
+            da, db = read_transition_adjoint(states[t - t0 + 1], ms[t - t0 + 1], dS, True,
+                                             q[t], lam[t], do[t], newest_first, k[u],
+                                             alpha[u], beta[u], pending, dq[t], dk[u],
+                                             dlam[t], scratch)
+            if t + 1 < T:
+                dlog_alpha[u] = alpha[u] * da
+                dbeta[u] += db
+            dbeta[t] = write_merge_adjoint(dS, ms[t - t0], ms[t - t0 + 1], k[t], v[t],
+                                           beta[t], boundary[t], merged[t], backbone == GDN,
+                                           dk[t], dv[t])
+    da, db = read_transition_adjoint(ckS[0], ckm[0], dS, False, q[0], lam[0], do[0],
+                                     newest_first, k[0], alpha[0], beta[0], backbone,
+                                     scratch[0], dk[0], lam[0], scratch)
+    dlog_alpha[0] = alpha[0] * da
+    dbeta[0] += db
 
 
 @njit(cache=True)
@@ -224,7 +238,24 @@ def clear_slots(dS, m, K):
         dS[i] = 0.0
 
 
-# --- the recompute: one forward step under the trace, in slot order -------------------
+# --- the recompute: the chunk's caches, under the trace, in slot order ---------------------
+
+
+@njit(cache=True)
+def recompute(states, ms, S, m, k, v, alpha, beta, boundary, merged, backbone, kX):
+    """states[0], ms[0] = (S, m); states[s + 1], ms[s + 1] = the cache after chunk token s."""
+    copy_slots(states[0], S, m)
+    ms[0] = m
+    for s in range(k.shape[0]):
+        ms[s + 1] = forward_step(states[s], ms[s], states[s + 1], k[s], v[s], alpha[s],
+                                 beta[s], boundary[s], merged[s], backbone, kX)
+
+
+@njit(cache=True)
+def copy_slots(Y, X, m):
+    """Y_i <- X_i for the m used slots."""
+    for i in range(m):
+        copy_into(Y[i], X[i])
 
 
 @njit(cache=True)
@@ -237,102 +268,172 @@ def forward_step(S0, m0, S1, k, v, alpha, beta, boundary, merged, backbone, kX):
     """
     for i in range(m0):
         dest = i if (merged < 0 or i <= merged) else i - 1
-        transition_into(S1[dest], S0[i], k, alpha, beta, backbone, merged >= 0 and
-                        i == merged + 1, kX)
+        add = merged >= 0 and i == merged + 1
+        if backbone == GDN:
+            delta_rule_into(S1[dest], S0[i], k, alpha, beta, add, kX)
+        else:
+            scale_into(S1[dest], S0[i], alpha if backbone == MAMBA2 else 1.0, add)
     m = m0 - (1 if merged >= 0 else 0)
     target = m - 1 + (1 if boundary else 0)
     X = S1[target]
-    fresh = boundary
     Dk, Dv = X.shape
     for a in range(Dk):
         for b in range(Dv):
             s = beta * (k[a] * v[b])
-            X[a, b] = s if fresh else X[a, b] + s
+            X[a, b] = s if boundary else X[a, b] + s
     return target + 1
 
 
 @njit(cache=True)
-def transition_into(Y, X, k, alpha, beta, backbone, add, kX):
-    """Y <- G X, or Y += G X if ``add`` (G = 1, alpha, or alpha (I - beta k k^T))."""
+def scale_into(Y, X, alpha, add):
+    """Y <- alpha X, or Y += alpha X if ``add``.   X, Y [Dk, Dv]"""
     Dk, Dv = X.shape
-    if backbone == GDN:
-        kX[:Dv] = 0.0
+    if add:
         for a in range(Dk):
             for b in range(Dv):
-                kX[b] += k[a] * X[a, b]
+                Y[a, b] += alpha * X[a, b]
+    else:
+        for a in range(Dk):
+            for b in range(Dv):
+                Y[a, b] = alpha * X[a, b]
+
+
+@njit(cache=True)
+def delta_rule_into(Y, X, k, alpha, beta, add, kX):
+    """Y <- alpha (X - beta k (k^T X)), or Y += that if ``add``.   kX [>= Dv] scratch"""
+    Dk, Dv = X.shape
+    kX[:Dv] = 0.0
     for a in range(Dk):
         for b in range(Dv):
-            if backbone == GDN:
-                g = alpha * (X[a, b] - beta * (k[a] * kX[b]))
-            elif backbone == MAMBA2:
-                g = alpha * X[a, b]
-            else:
-                g = X[a, b]
+            kX[b] += k[a] * X[a, b]
+    for a in range(Dk):
+        for b in range(Dv):
+            g = alpha * (X[a, b] - beta * (k[a] * kX[b]))
             Y[a, b] = Y[a, b] + g if add else g
 
 
-# --- the adjoint of one step ------------------------------------------------------------
+# --- the adjoints -------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def step_adjoint(S0, m0, S3, m3, q, k, v, lam, alpha, beta, boundary, merged, do, dS,
-                 backbone, newest_first, dq, dk, dv, dlam, scratch):
-    """dla_ref.adjoint.step_adjoint for one stream and token.   -> (d alpha, d beta)
+@njit(cache=True, fastmath=REASSOC)
+def read_transition_adjoint(S, m, dS, read, q, lam, do, newest_first, k1, alpha1, beta1,
+                            backbone1, dq, dk1, dlam, scratch):
+    """The adjoint of token t+1's transition, then of token t's readout, slot by slot.
 
-    S0, m0 / S3, m3: the cache before / after the token; dS [K, Dk, Dv]: in, the adjoint
-    of S3; out, that of S0 (slots >= m0 zero). Writes dq, dk, dv [D], dlam [K].
+    S, m: the cache after token t (= before token t+1); dS [K, Dk, Dv]: in, the adjoint
+    of the cache after token t+1's transition (slots >= m zero); out, that of the cache
+    after token t's write, readout included. With ``read`` False only the transition's
+    adjoint is taken (token 0's, on the initial cache). For slot i < m, with D = dS_i:
+
+        transition (dla_ref.adjoint.transition_adjoint, G of token t+1):
+            mamba2: d alpha += <D, S_i>, D <- alpha D
+            gdn:    u = S_i^T k, g = D^T k; d alpha += <D, S_i> - beta g.u,
+                    d beta -= alpha g.u, dk -= alpha beta (D u + S_i g),
+                    D <- alpha (D - beta k g^T)
+        readout (dla_ref.adjoint.readout_adjoint, token t):
+            dq += w_i S_i do, dlam[l(i)] = q^T S_i do, D += w_i q do^T
+
+    Returns (d alpha, d beta) of token t+1; writes dq, dlam (token t) and adds to dk1.
     """
-    readout_adjoint(S3, m3, q, lam, do, newest_first, dS, dq, dlam, scratch[0])
-    m2 = m0 - (1 if merged >= 0 else 0)
-    ds = dS[m2 - 1 + (1 if boundary else 0)]
-    dbeta = contribution_adjoint(ds, k, v, beta, backbone == GDN, dk, dv)
-    if merged >= 0:
-        merge_adjoint(dS, merged, m0)
-    dalpha, dbeta_carry = transition_adjoint(dS, S0, m0, k, alpha, beta, backbone, dk,
-                                             scratch[1], scratch[2])
-    for i in range(m0, m3):
-        dS[i] = 0.0
-    return dalpha, dbeta + dbeta_carry
-
-
-@njit(cache=True)
-def readout_adjoint(S, m, q, lam, do, newest_first, dS, dq, dlam, Sdo):
-    """dq = sum_i w_i S_i do, dlam[l(i)] = q^T S_i do, dS_i += w_i q do^T, over i < m."""
-    Dk, Dv = S.shape[1:]
-    dq[:] = 0.0
-    dlam[:] = 0.0
+    if read:
+        dq[:] = 0.0
+        dlam[:] = 0.0
+    dalpha, dbeta = 0.0, 0.0
+    u, g = scratch[1], scratch[2]
     for i in range(m):
         col = m - 1 - i if newest_first else i
-        w = lam[col]
-        X, D = S[i], dS[i]
-        dw = 0.0
-        for a in range(Dk):
-            acc = 0.0
+        w = lam[col] if read else 0.0
+        if backbone1 == GDN:
+            gu = column_products(S[i], dS[i], k1, u, g)
+            dalpha -= beta1 * gu
+            dbeta -= alpha1 * gu
+        inner, dw = slot_sweep(S[i], dS[i], q, do, w, k1, alpha1, beta1, u, g, backbone1,
+                               dq, dk1)
+        dalpha += inner
+        if read:
+            dlam[col] = dw
+    return dalpha, dbeta
+
+
+@njit(cache=True, fastmath=REASSOC)
+def column_products(X, D, k, u, g):
+    """u <- X^T k, g <- D^T k (both [Dv]); returns g . u."""
+    Dk, Dv = X.shape
+    u[:Dv] = 0.0
+    g[:Dv] = 0.0
+    for a in range(Dk):
+        for b in range(Dv):
+            u[b] += X[a, b] * k[a]
+            g[b] += D[a, b] * k[a]
+    gu = 0.0
+    for b in range(Dv):
+        gu += np.float64(g[b]) * np.float64(u[b])
+    return gu
+
+
+@njit(cache=True, fastmath=REASSOC)
+def slot_sweep(X, D, q, do, w, k, alpha, beta, u, g, backbone, dq, dk):
+    """One sweep over a slot: D <- G^T D + w q do^T, dq += w X do, dk (gdn).
+
+    Returns (<D, X> before the update (0 for linear), q^T X do). u, g as
+    ``column_products`` left them (gdn).
+    """
+    Dk, Dv = X.shape
+    inner, dw = 0.0, 0.0
+    for a in range(Dk):
+        wq = w * q[a]
+        row, sdo, acc = X[a, 0] * 0, X[a, 0] * 0, X[a, 0] * 0
+        if backbone == GDN:
+            bk = beta * k[a]
             for b in range(Dv):
-                acc += X[a, b] * do[b]
-            Sdo[a] = acc
-        for a in range(Dk):
-            dq[a] += w * Sdo[a]
-            dw += q[a] * Sdo[a]
-            wq = w * q[a]
+                x, d = X[a, b], D[a, b]
+                row += d * x
+                sdo += x * do[b]
+                acc += d * u[b] + x * g[b]
+                D[a, b] = alpha * (d - bk * g[b]) + wq * do[b]
+            dk[a] -= alpha * beta * acc
+        elif backbone == MAMBA2:
             for b in range(Dv):
+                x, d = X[a, b], D[a, b]
+                row += d * x
+                sdo += x * do[b]
+                D[a, b] = alpha * d + wq * do[b]
+        else:
+            for b in range(Dv):
+                sdo += X[a, b] * do[b]
                 D[a, b] += wq * do[b]
-        dlam[col] = dw
+        inner += row
+        dq[a] += w * sdo
+        dw += q[a] * sdo
+    return inner, dw
 
 
-@njit(cache=True)
-def contribution_adjoint(ds, k, v, beta, gdn, dk, dv):
-    """dk = beta ds v, dv = beta ds^T k (written); returns d beta = k^T ds v (gdn, else 0)."""
+@njit(cache=True, fastmath=REASSOC)
+def write_merge_adjoint(dS, m0, m3, k, v, beta, boundary, merged, gdn, dk, dv):
+    """The adjoints of token t's write, contribution and merge.   -> d beta (write)
+
+    m0 / m3: slots in use before / after the token. ds = dS_target (target = m - 1 + b,
+    m after the merge); dk = beta ds v and dv = beta ds^T k are written (dla_ref.adjoint.
+    contribution_adjoint); then the merge's adjoint copies dS_j into slot j + 1 and moves
+    the later slots right (``merge_adjoint``); the slots unused before the token are
+    cleared. Returns k^T ds v (gdn; else 0).
+    """
+    m2 = m0 - (1 if merged >= 0 else 0)
+    ds = dS[m2 - 1 + (1 if boundary else 0)]
     Dk, Dv = ds.shape
     dv[:] = 0.0
     dbeta = 0.0
     for a in range(Dk):
-        acc = 0.0
+        acc = ds[a, 0] * 0
         for b in range(Dv):
             acc += ds[a, b] * v[b]
             dv[b] += beta * (ds[a, b] * k[a])
         dk[a] = beta * acc
         dbeta += np.float64(k[a]) * np.float64(acc)
+    if merged >= 0:
+        merge_adjoint(dS, merged, m0)
+    for i in range(m0, m3):
+        dS[i] = 0.0
     return dbeta if gdn else 0.0
 
 
@@ -340,50 +441,4 @@ def contribution_adjoint(ds, k, v, beta, gdn, dk, dv):
 def merge_adjoint(dS, j, m0):
     """dS_i <- dS_{i-1} for i = m0-1 ... j+2, then dS_{j+1} <- dS_j (a copy, not a split)."""
     for i in range(m0 - 1, j, -1):
-        dS[i] = dS[i - 1]
-
-
-@njit(cache=True)
-def transition_adjoint(dS, S0, m0, k, alpha, beta, backbone, dk, u, g):
-    """dS_i <- G^T dS_i for i < m0; adds the carried dk; returns (d alpha, d beta).
-
-    mamba2: d alpha = sum_i <dS_i, S0_i>, dS_i <- alpha dS_i.
-    gdn, with u = S0_i^T k, g = dS_i^T k: d alpha = sum_i <dS_i, S0_i> - beta g.u,
-    d beta = -alpha sum_i g.u, dk -= alpha beta (dS_i u + S0_i g),
-    dS_i <- alpha (dS_i - beta k g^T).
-    """
-    dalpha, dbeta = 0.0, 0.0
-    if backbone != MAMBA2 and backbone != GDN:
-        return dalpha, dbeta
-    Dk, Dv = S0.shape[1:]
-    for i in range(m0):
-        X, D = S0[i], dS[i]
-        inner = 0.0
-        for a in range(Dk):
-            for b in range(Dv):
-                inner += np.float64(D[a, b]) * np.float64(X[a, b])
-        if backbone == MAMBA2:
-            for a in range(Dk):
-                for b in range(Dv):
-                    D[a, b] *= alpha
-            dalpha += inner
-            continue
-        u[:Dv] = 0.0
-        g[:Dv] = 0.0
-        for a in range(Dk):
-            for b in range(Dv):
-                u[b] += X[a, b] * k[a]
-                g[b] += D[a, b] * k[a]
-        gu = 0.0
-        for b in range(Dv):
-            gu += np.float64(g[b]) * np.float64(u[b])
-        dalpha += inner - beta * gu
-        dbeta -= alpha * gu
-        for a in range(Dk):
-            acc = 0.0
-            for b in range(Dv):
-                acc += D[a, b] * u[b] + X[a, b] * g[b]
-            dk[a] -= alpha * beta * acc
-            for b in range(Dv):
-                D[a, b] = alpha * (D[a, b] - beta * (k[a] * g[b]))
-    return dalpha, dbeta
+        copy_into(dS[i], dS[i - 1])
