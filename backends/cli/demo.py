@@ -407,9 +407,9 @@ def add_arguments(parser):
     parser.add_argument("--tau", type=number(), default=0.6,
                         help="boundary threshold, any number but NaN (default 0.6)")
     parser.add_argument("--seed", type=count(0), default=0)
-    parser.add_argument("--segments", type=count(2), default=6,
+    parser.add_argument("--segments", type=count(2), default=None,
                         help=f"stationary segments, 2 to min({MAX_SEGMENTS}, T / 32) "
-                             "(default 6)")
+                             "(default 6, fewer if T < 192)")
     parser.add_argument("--needles", type=count(0), default=2,
                         help="planted needles, 0 to T / 16 (default 2)")
     parser.add_argument("--window", type=count(0), default=2,
@@ -427,6 +427,8 @@ def check_request(args) -> None:
     from . import UsageError
 
     most = min(MAX_SEGMENTS, args.length // 32)
+    if args.segments is None:
+        args.segments = min(6, most)
     if args.segments > most:
         raise UsageError(f"--segments {args.segments}: at most {most} for --length "
                          f"{args.length} (min({MAX_SEGMENTS}, T / 32))")
