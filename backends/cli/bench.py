@@ -900,8 +900,9 @@ def render(columns, lines) -> list[str]:
 def table(rows, report) -> str:
     """The results as fixed-width text: the run's context, a prefill and a decode table."""
     gpu = f", {report['machine']['gpu']}" if "gpu" in report["machine"] else ""
-    out = [f"dla bench on {report['device']} ({report['machine']['cpu']}{gpu}), float32, "
-           f"tau = {TAU}; matmul {report['matmul_GFLOPs']:.1f} GFLOP/s; {report['timing']}"]
+    out = [f"dla bench on {report['device']} ({report['machine']['cpu']}{gpu})"[:WIDTH],
+           f"float32 inputs, tau = {TAU}; matmul {report['matmul_GFLOPs']:.1f} GFLOP/s; "
+           f"timing: {report['timing']}"]
     for decode, columns, cells in ((False, PREFILL_COLUMNS, prefill_cells),
                                    (True, DECODE_COLUMNS, decode_cells)):
         chosen = [r for r in rows if WORKLOADS[r["workload"]].decode == decode]
