@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import array_api_compat
 import numpy as np
 import pytest
 
 import dla_ref
-from dla_ref.validation import check_options
 
 torch = pytest.importorskip("torch", reason="the triton backend runs on torch tensors")
 CUDA = torch.cuda.is_available()
@@ -31,7 +29,7 @@ if not CUDA:  # triton reads it when it is imported (tests/conftest.py sets it t
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton not installed")
 
-from dla_backends import registry  # noqa: E402 -- after the environment is set
+from dla_backends import host, registry  # noqa: E402 -- after the environment is set
 from dla_backends.testing import (  # noqa: E402
     CaseSpec, build_case, check_case, get_backend, run_candidate, to_native)
 
@@ -262,9 +260,6 @@ def test_forced_trace_that_does_not_fit_raises_the_reference_error(T):
 def test_decode_step_takes_one_token():
     """The decode launcher refuses T > 1 rather than reading only the first token."""
     case = build_case(CaseSpec(T=2, seed=32))
-    x = tensors(case)
-    opts = check_options(eps=1e-6, **case.options)
-    xp = array_api_compat.array_namespace(x["q"])
-    cache = triton_kernels.stream_cache(xp, None, 1, opts.capacity, 4, 4, DEVICE)
+    call = host.prepare(**tensors(case), **case.options, backend="triton")
     with pytest.raises(ValueError, match="one token"):
-        triton_kernels.decode_step(triton_kernels.Tokens(**x), cache, opts)
+        triton_kernels.decode_step(call)

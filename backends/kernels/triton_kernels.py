@@ -1,85 +1,34 @@
-"""The Triton backend: a decode-step kernel and a full-sequence (prefill) kernel for DLA.
+"""The Triton backend ("triton"): a decode-step kernel and a prefill kernel for DLA.
 
-Registered as "triton" (``dla_backends.kernels.triton_kernels:dla``): the signature, semantics
-and result of ``dla_ref.dla``. Inputs of any float dtype; the state (cache S and info,
-trace scores) is float32 whatever the inputs; o comes back in the inputs' promoted
-dtype. ``dla`` runs the decode kernel when T == 1 (decoding from an initial cache, token
-by token) and the prefill kernel when T > 1. Both are ports of ``dla_ref.step.step`` and
-share its pieces below, so a loop of T == 1 calls that threads the cache through gives
-what one call over the T tokens gives.
+Torch tensors; the keywords and result of ``dla_ref.dla`` through ``dla_backends.host``.
+Inputs of any float dtype; the state (S, info, scores) is float32 whatever the inputs; o
+comes back in the inputs' dtype. ``dla`` runs the decode kernel when T == 1 and the
+prefill kernel when T > 1; both are ports of ``dla_ref.step.step`` built from the tile
+functions below, so a loop of T == 1 calls that threads the cache gives what one call
+over the T tokens gives. Grid (N, cdiv(Dv, BLOCK_DV)): program (n, c) owns column block c
+of every slot of stream n, and every program of a stream computes the score's three
+scalars over all Dv columns itself, so all make the same decision with no communication.
 
-Kernels and their versions (llm.c style; each validated against dla_ref by
-tests/test_triton_backend.py, the shipped version is the tested one):
+Kernels and their versions (llm.c style; the shipped version is the tested one):
 
     decode   v1 (shipped)  ``dla_decode_kernel``: one token for every stream, the cache
-                           in global memory, read once and written once (out of place).
-    prefill  v1            the decode kernel launched T times, threading the cache (no
-                           code of its own; tests/test_triton_backend.py checks that v2
-                           equals it). Every token re-reads and re-writes the whole cache.
-             v2 (shipped)  ``dla_prefill_kernel``: one launch, the loop over t inside.
-                           Each program keeps its column block of all K slots in
-                           registers for the whole sequence; the cache is read once at
-                           the start and written once at the end.
+                           read once and written once (out of place).
+    prefill  v1            the decode kernel launched T times, threading the cache (no code
+                           of its own; the tests check that v2 equals it).
+             v2 (shipped)  ``dla_prefill_kernel``: one launch, the loop over t inside, each
+                           program's column block of all K slots in registers throughout.
 
-Both kernels use the grid (N, cdiv(Dv, BLOCK_DV)): program (n, c) owns column block c
-of every slot of stream n (N = B*H streams, stream n = b*H + h). Ideas for later
-versions, not done: a chunked prefill for linear/mamba2 over the partition history
-(SPEC §5); lazy decay for mamba2.
-
-Memory layout:
-
-    cache S  [N, K, Dk, Dv] float32, row-major: exactly the public Cache.S [B, H, K, Dk,
-             Dv], so nothing is permuted on the way in or out. Program (n, c) reads, per
-             slot, Dk rows of BLOCK_DV contiguous floats (128 bytes for BLOCK_DV = 32).
-    n, info  [N, K] int64 / float32;  m [N] int64.
-    tokens   q, k [B, T, H, Dk], v [B, T, H, Dv], lam [B, T, H, K], log_alpha and beta
-             [B, T, H], contiguous (flash-linear-attention's layout): token t of stream n
-             is row r = (b*T + t)*H + h, e.g. q_t = q[r*Dk : (r+1)*Dk].
-    outputs  o [B, T, H, Dv] (row r), trace scores / boundary / merged [B, T, H] (index r).
-
-Why the decision is duplicated rather than made by a separate decide kernel: the score
-needs the whole open state (all Dv columns), but program (n, c) owns only columns c.
-So every program of stream n computes the three scalars of the score (SPEC §7:
-||s_t||^2, ||S_open||^2, <S_open, s_t>) over all Dv columns itself, with the same
-instructions on the same data in the same order: all of them get bit-identical
-scores and counts, and make the same boundary and merge decision, with no
-communication and one launch per token. The price is one extra read of the open slot
-per extra column block, (Dv / BLOCK_DV - 1) / K of the cache traffic; a decide kernel
-plus an apply kernel would cost a second launch (microseconds, the scale of a whole
-decode step) and a round trip of the decision through global memory. In the prefill
-kernel the other programs of the stream do not share their columns of the open slot,
-so each program keeps a private copy of the whole open state (``open_copies``
-[N, cdiv(Dv, BLOCK_DV), Dk, Dv]) and scores against it; the open state evolves from
-token data alone (G_t S_open + s_t, or s_t after a boundary), so the copies need
-nothing from the other programs.
-
-Options that only steer scalar arithmetic (K, score, normalize, slots, tau, eps) are
-runtime arguments, so one compilation serves them all; the backbone, a forced trace
-and the tile sizes are compile-time constants.
-
-Limits: a [BLOCK_DK, BLOCK_DV] block and, in the prefill kernel, BLOCK_K such blocks
-live in registers, so the prefill kernel narrows BLOCK_DV as K * Dk grows (down to one
-column; see ``prefill_block_dv``). The score comes from three float32 scalars, in the
-form of ``dla_ref.step.information_score_from_scalars``: in state mode it is free of
-cancellation, in token mode it is off by up to about sqrt(float32 epsilon) where R(s_t)
-is close to R(S_open); ``dla_ref.step.score_error_bound`` states both.
+Memory layout, tiling, register budgets, precision and GPU status: docs/triton.md.
 """
 
 from __future__ import annotations
 
-from functools import reduce
-from typing import NamedTuple
-
-import array_api_compat
 import torch
 import triton
 import triton.language as tl
 
-from dla_ref.parallel import partition_history
-from dla_ref.records import Cache, Result, Trace
-from dla_ref.recurrent import cache_to_streams, empty_cache, to_streams
+from dla_backends import host
 from dla_ref.step import open_state
-from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
 
 INF = tl.constexpr(float("inf"))
 
@@ -93,20 +42,20 @@ INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def load_token(q, k, v, log_alpha, beta, row, rows, row_mask, cols, col_mask, Dk, Dv,
+def load_token(q, k, v, alpha, beta, row, rows, row_mask, cols, col_mask, Dk, Dv,
                BACKBONE: tl.constexpr):
     """Token ``row``: q_t, k_t [BLOCK_DK], v_t on the block [BLOCK_DV] (float32), and
-    alpha_t = exp(log_alpha_t), beta_t (1 where the backbone has none)."""
+    alpha_t, beta_t (1 where the backbone has none)."""
     q_t = tl.load(q + row * Dk + rows, mask=row_mask, other=0.0).to(tl.float32)
     k_t = tl.load(k + row * Dk + rows, mask=row_mask, other=0.0).to(tl.float32)
     v_t = tl.load(v + row * Dv + cols, mask=col_mask, other=0.0).to(tl.float32)
-    alpha = 1.0
+    alpha_t = 1.0
     beta_t = 1.0
     if BACKBONE != "linear":
-        alpha = tl.exp(tl.load(log_alpha + row).to(tl.float32))
+        alpha_t = tl.load(alpha + row).to(tl.float32)
     if BACKBONE == "gdn":
         beta_t = tl.load(beta + row).to(tl.float32)
-    return q_t, k_t, v_t, alpha, beta_t
+    return q_t, k_t, v_t, alpha_t, beta_t
 
 
 @triton.jit
@@ -370,7 +319,7 @@ def update_slots(src, dst, lam_row, q, k, s, alpha, beta, m, merged, target, m_n
 
 
 @triton.jit
-def dla_decode_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_merged,
+def dla_decode_kernel(q, k, v, lam, alpha, beta, forced_boundary, forced_merged,
                       S_in, n_in, info_in, m_in, S_out, n_out, info_out, m_out,
                       o, scores, boundaries, merges, K, Dk, Dv, tau, eps, score_state,
                       normalize, newest_first, BACKBONE: tl.constexpr,
@@ -384,7 +333,7 @@ def dla_decode_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_mer
     """
     stream = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
-    row = stream  # with T = 1, token row (b*T + t)*H + h is b*H + h
+    row = stream  # with T = 1, token row n T + t is the stream
     rows = tl.arange(0, BLOCK_DK)
     row_mask = rows < Dk
     cols = block * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -393,14 +342,14 @@ def dla_decode_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_mer
     src = S_in + stream * K * slot_size
 
     n, info, m = load_counts(n_in, info_in, m_in, stream, K, BLOCK_K)
-    q_t, k_t, v_t, alpha, beta_t = load_token(q, k, v, log_alpha, beta, row, rows, row_mask,
-                                              cols, col_mask, Dk, Dv, BACKBONE)
+    q_t, k_t, v_t, alpha_t, beta_t = load_token(q, k, v, alpha, beta, row, rows, row_mask,
+                                                cols, col_mask, Dk, Dv, BACKBONE)
     score, boundary, merged, target, n, info, m_new = decide_token(
-        src + tl.maximum(m - 1, 0) * slot_size, n, info, m, k_t, v + row * Dv, alpha,
+        src + tl.maximum(m - 1, 0) * slot_size, n, info, m, k_t, v + row * Dv, alpha_t,
         beta_t, row, K, tau, eps, score_state, normalize, forced_boundary, forced_merged,
         rows, row_mask, Dk, Dv, BACKBONE, FORCED, False, BLOCK_K, BLOCK_DK, BLOCK_DV)
     o_t = update_slots(src, S_out + stream * K * slot_size, lam + row * K, q_t, k_t,
-                       contribution(k_t, v_t, beta_t, BACKBONE), alpha, beta_t, m, merged,
+                       contribution(k_t, v_t, beta_t, BACKBONE), alpha_t, beta_t, m, merged,
                        target, m_new, K, newest_first, rows[:, None] * Dv + cols[None, :],
                        row_mask[:, None] & col_mask[None, :], slot_size, BACKBONE,
                        SLOT_BLOCK)
@@ -441,21 +390,40 @@ def following_slots(S, scratch, here, block, slot3, K, slot_size):
 
 
 @triton.jit
-def dla_prefill_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_merged,
+def advance_stack(S, k, v, alpha, beta, merged, target, scratch, here, block, slot3, K,
+                  slot_size, BACKBONE: tl.constexpr):
+    """Steps 1, 5 and 4 on the program's register stack [BLOCK_K, BLOCK_DK, BLOCK_DV]:
+    transition every slot, merge slots j and j+1 (through ``scratch``, only at a merge),
+    add s_t to slot ``target``."""
+    S = transition(S, k, alpha, beta, BACKBONE)
+    if merged >= 0:  # rare: only a boundary at a full cache
+        S = merge_adjacent(S, following_slots(S, scratch, here, block, slot3, K, slot_size),
+                           merged, slot3)
+    return write_token(S, target, contribution(k, v, beta, BACKBONE)[None, :, :], slot3)
+
+
+@triton.jit
+def read_stack(q, S, lam_row, m, newest_first, BLOCK_K: tl.constexpr):
+    """Step 6 on the stack: o_t = q_t^T sum_i w_i S_i on the program's columns."""
+    w = slot_weights(lam_row, tl.arange(0, BLOCK_K), m, newest_first)
+    return tl.sum(q[:, None] * tl.sum(w[:, None, None] * S, axis=0), axis=0)
+
+
+@triton.jit
+def dla_prefill_kernel(q, k, v, lam, alpha, beta, forced_boundary, forced_merged,
                        S_in, n_in, info_in, m_in, S_out, n_out, info_out, m_out,
-                       open_copies, o, scores, boundaries, merges, T, H, K, Dk, Dv, tau,
+                       open_copies, o, scores, boundaries, merges, T, K, Dk, Dv, tau,
                        eps, score_state, normalize, newest_first, BACKBONE: tl.constexpr,
                        FORCED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
                        BLOCK_DV: tl.constexpr):
     """All T tokens of every stream, the loop over t inside (prefill v2).
 
-    Grid (N, cdiv(Dv, BLOCK_DV)): program (n, c) loads column block c of all K slots of
-    S_in[n] into registers ([BLOCK_K, BLOCK_DK, BLOCK_DV]), runs the T steps on them and
-    writes them to S_out[n] at the end; a merge shifts them through S_out. It scores
-    against its own copy open_copies[n, c] [Dk, Dv] of the whole open state. The counts
-    stay in registers, the same in every program of the stream, and block 0 writes
-    them and the trace.
+    Grid (N, cdiv(Dv, BLOCK_DV)): program (n, c) keeps column block c of all K slots of
+    stream n in registers from S_in to S_out (a merge shifts them through S_out), and
+    scores against its own copy open_copies[n, c] [Dk, Dv] of the whole open state. The
+    counts are the same in every program of the stream; block 0 writes them and the trace.
     """
+    # 0. the program's tile: column block c of every slot of stream n
     stream = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     rows = tl.arange(0, BLOCK_DK)
@@ -469,35 +437,33 @@ def dla_prefill_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_me
     scratch = S_out + stream * K * slot_size
     open_copy = open_copies + (stream * tl.num_programs(1) + block) * slot_size
 
+    # 1. the cache into registers
     n, info, m = load_counts(n_in, info_in, m_in, stream, K, BLOCK_K)
     S = tl.load(S_in + stream * K * slot_size + here, mask=block_mask & (slot3 < K),
                 other=0.0)
-    batch = stream // H
-    head = stream % H
+
+    # 2. the tokens in order: decide (alike in every program), the open copy, the stack
     for t in range(0, T):
-        row = (batch * T + t) * H + head
-        q_t, k_t, v_t, alpha, beta_t = load_token(q, k, v, log_alpha, beta, row, rows,
-                                                  row_mask, cols, col_mask, Dk, Dv,
-                                                  BACKBONE)
+        row = stream * T + t
+        q_t, k_t, v_t, alpha_t, beta_t = load_token(q, k, v, alpha, beta, row, rows,
+                                                    row_mask, cols, col_mask, Dk, Dv,
+                                                    BACKBONE)
         score, boundary, merged, target, n, info, m = decide_token(
-            open_copy, n, info, m, k_t, v + row * Dv, alpha, beta_t, row, K, tau, eps,
+            open_copy, n, info, m, k_t, v + row * Dv, alpha_t, beta_t, row, K, tau, eps,
             score_state, normalize, forced_boundary, forced_merged, rows, row_mask, Dk, Dv,
             BACKBONE, FORCED, True, BLOCK_K, BLOCK_DK, BLOCK_DV)
         tl.debug_barrier()  # absorb_or_open reads the transitioned copy in another layout
         absorb_or_open(open_copy, k_t, v + row * Dv, beta_t, boundary, rows, row_mask, Dv,
                        BACKBONE, BLOCK_DV)
-        S = transition(S, k_t, alpha, beta_t, BACKBONE)
-        if merged >= 0:  # rare: only a boundary at a full cache
-            S = merge_adjacent(S, following_slots(S, scratch, here, block_mask, slot3, K,
-                                                  slot_size), merged, slot3)
-        s = contribution(k_t, v_t, beta_t, BACKBONE)
-        S = write_token(S, target, s[None, :, :], slot3)
-        w = slot_weights(lam + row * K, tl.arange(0, BLOCK_K), m, newest_first)
-        o_t = tl.sum(q_t[:, None] * tl.sum(w[:, None, None] * S, axis=0), axis=0)
+        S = advance_stack(S, k_t, v_t, alpha_t, beta_t, merged, target, scratch, here,
+                          block_mask, slot3, K, slot_size, BACKBONE)
+        o_t = read_stack(q_t, S, lam + row * K, m, newest_first, BLOCK_K)
         store_step(o, scores, boundaries, merges, row, Dv, cols, col_mask, o_t, score,
                    boundary, merged, block == 0)
         # the next token reads the open copy as other threads of this program stored it
         tl.debug_barrier()
+
+    # 3. the cache back
     tl.store(S_out + stream * K * slot_size + here, S, mask=block_mask & (slot3 < K))
     store_counts(n_out, info_out, m_out, stream, n, info, m, K, block == 0, BLOCK_K)
 
@@ -505,153 +471,83 @@ def dla_prefill_kernel(q, k, v, lam, log_alpha, beta, forced_boundary, forced_me
 # --- the host side ------------------------------------------------------------------------
 
 
-class Tokens(NamedTuple):
-    """The token inputs on one device, contiguous [B, T, H, ...] (None where unused)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    lam: torch.Tensor
-    log_alpha: torch.Tensor | None
-    beta: torch.Tensor | None
+def dla(q, k, v, lam, **options):
+    """``dla_ref.dla`` on torch tensors by the Triton kernels: the same keywords, checks
+    and result. T == 1 runs the decode kernel, T > 1 the prefill kernel."""
+    return host.run(launch, q, k, v, lam, backend="triton", **options)
 
 
-class Forced(NamedTuple):
-    """A forced trace as the kernels read it: boundary int8, merged int64, [B, T, H]."""
-
-    boundary: torch.Tensor
-    merged: torch.Tensor
+def launch(call: host.Call) -> host.Launched:
+    """The decode kernel for one token, the prefill kernel for more."""
+    return decode_step(call) if call.shape[1] == 1 else prefill(call)
 
 
-def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
-        capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
-        trace=None, initial_cache=None) -> Result:
-    """Dynamic Linear Attention on torch tensors by the Triton kernels (``dla_ref.dla``).
-
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0; log_alpha [B, T, H] <= 0
-    (mamba2, gdn); beta [B, T, H] in [0, 1] (gdn). trace: a Trace to replay (its scores
-    are recomputed); initial_cache: a Cache to continue from. T == 1 runs the decode
-    kernel, T > 1 the prefill kernel.
-
-    Returns Result(o [B, T, H, Dv] in the inputs' promoted dtype, cache (S, info float32;
-    n, m int64), trace (scores float32, boundary bool, merged int64)), on q's device.
-    """
-    opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
-                         normalize=normalize, slots=slots, eps=eps)
-    if not isinstance(q, torch.Tensor):
-        raise TypeError("q must be a torch.Tensor for the triton backend, got "
-                        f"{type(q).__name__}")
-    xp = array_api_compat.array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
-                                   lam_columns=capacity)
-    if trace is not None:
-        check_trace_shape(xp, trace, B, T, H)
-    if initial_cache is not None:
-        check_cache(xp, initial_cache, B, H, capacity, Dk, Dv)
-    cache = stream_cache(xp, initial_cache, B * H, capacity, Dk, Dv, q.device)
-    forced = None if trace is None else forced_trace(xp, trace, cache, capacity, q.device)
-    tokens = Tokens(*(None if x is None else x.to(q.device).contiguous()
-                      for x in (q, k, v, lam, log_alpha, beta)))
-    run = decode_step if T == 1 else prefill
-    o, (S, n, info, m), decisions = run(tokens, cache, opts, forced)
-    K = capacity
-    return Result(o, Cache(S.view(B, H, K, Dk, Dv), n.view(B, H, K), info.view(B, H, K),
-                           m.view(B, H)), Trace(*decisions))
-
-
-def stream_cache(xp, initial_cache, N, K, Dk, Dv, device):
-    """The cache over streams on ``device``: (S [N, K, Dk, Dv] float32, n [N, K] int64,
-    info [N, K] float32, m [N] int64), contiguous. It may share memory with
-    ``initial_cache``: the kernels only read it."""
-    if initial_cache is None:
-        return empty_cache(xp, N, K, Dk, Dv, torch.float32, device)
-    return tuple(x.to(device).contiguous()
-                 for x in cache_to_streams(xp, initial_cache, torch.float32))
-
-
-def forced_trace(xp, trace, cache, K, device) -> Forced:
-    """A trace's decisions as the kernels read them, after checking that they fit.
-
-    ``dla_ref.parallel.partition_history`` replays them on the cache's slot counts and
-    raises the reference's ValueError for the first decision that does not fit. It
-    runs on host copies: T small steps, with no device synchronisation in each.
-    """
-    boundary = trace.boundary.to(device)
-    merged = trace.merged.to(device, torch.int64)
-    _, n, _, m = cache
-    partition_history(xp, to_streams(xp, boundary).cpu(), to_streams(xp, merged).cpu(), K,
-                      n=n.cpu(), m=m.cpu())
-    return Forced(boundary.to(torch.int8).contiguous(), merged.contiguous())
-
-
-def decode_step(tokens: Tokens, cache, opts, forced: Forced | None = None,
-                block_dv: int | None = None, slot_block: int | None = None):
-    """One token (T = 1) for every stream by ``dla_decode_kernel`` (decode v1).
-
-    cache: (S, n, info, m) over N = B*H streams (see ``stream_cache``), only read.
-    Returns (o [B, 1, H, Dv], the new cache over streams, (scores, boundary, merged)
-    [B, 1, H]). block_dv, slot_block: the tiling, powers of two (None: the defaults).
-    """
-    B, T, H, Dk = tokens.q.shape
-    Dv = tokens.v.shape[3]
+def decode_step(call: host.Call, block_dv: int | None = None, slot_block: int | None = None):
+    """One token (T = 1) for every stream by ``dla_decode_kernel`` (decode v1), from the
+    call's cache into a new one. block_dv, slot_block: the tiling, powers of two (None:
+    ``decode_block_dv``, ``decode_slot_block``)."""
+    (N, T), (_, _, _, Dk, Dv) = call.streams, call.shape
     if T != 1:
         raise ValueError(f"the decode kernel takes one token (T = 1), got T = {T}")
+    cache = tuple(x.contiguous() for x in call.cache)
     new = tuple(torch.empty_like(x) for x in cache)
-    o, decisions = allocate_outputs(tokens)
+    o, decisions = allocate_outputs(call)
     block_dv = block_dv or decode_block_dv(Dk, Dv)
-    dla_decode_kernel[(B * H, triton.cdiv(Dv, block_dv))](
-        *tokens, *(forced or (None, None)), *cache, *new, o, *decisions,
-        *runtime_options(opts, Dk, Dv), **compile_options(opts, forced, Dk),
-        BLOCK_DV=block_dv,
-        SLOT_BLOCK=slot_block or decode_slot_block(opts.capacity, tokens.q.device))
-    return o, new, finished(decisions)
+    dla_decode_kernel[(N, triton.cdiv(Dv, block_dv))](
+        *kernel_tokens(call), *kernel_forced(call), *cache, *new, o, *decisions,
+        *runtime_options(call.opts, Dk, Dv), **compile_options(call, Dk), BLOCK_DV=block_dv,
+        SLOT_BLOCK=slot_block or decode_slot_block(call.opts.capacity, call.device))
+    return host.Launched(o, new, decisions)
 
 
-def prefill(tokens: Tokens, cache, opts, forced: Forced | None = None,
-            block_dv: int | None = None):
-    """All T tokens of every stream by ``dla_prefill_kernel`` (prefill v2).
-
-    cache: (S, n, info, m) over N = B*H streams, only read. Returns (o [B, T, H, Dv],
-    the final cache over streams, (scores, boundary, merged) [B, T, H]). block_dv: the
-    columns per program, a power of two (None: ``prefill_block_dv``).
-    """
-    B, T, H, Dk = tokens.q.shape
-    Dv = tokens.v.shape[3]
+def prefill(call: host.Call, block_dv: int | None = None):
+    """All T tokens of every stream by ``dla_prefill_kernel`` (prefill v2), from the call's
+    cache into a new one. block_dv: columns per program, a power of two (None:
+    ``prefill_block_dv``)."""
+    (N, T), (_, _, _, Dk, Dv) = call.streams, call.shape
+    cache = tuple(x.contiguous() for x in call.cache)
     S, _, _, m = cache
-    block_dv = block_dv or prefill_block_dv(opts.capacity, Dk, Dv)
+    block_dv = block_dv or prefill_block_dv(call.opts.capacity, Dk, Dv)
     blocks = triton.cdiv(Dv, block_dv)
-    xp = array_api_compat.array_namespace(S)
-    open_copies = open_state(xp, S, m)[:, None].expand(B * H, blocks, Dk, Dv).contiguous()
+    open_copies = open_state(call.xp, S, m)[:, None].expand(N, blocks, Dk, Dv).contiguous()
     new = tuple(torch.empty_like(x) for x in cache)
-    o, decisions = allocate_outputs(tokens)
-    dla_prefill_kernel[(B * H, blocks)](
-        *tokens, *(forced or (None, None)), *cache, *new, open_copies, o, *decisions, T, H,
-        *runtime_options(opts, Dk, Dv), **compile_options(opts, forced, Dk),
+    o, decisions = allocate_outputs(call)
+    dla_prefill_kernel[(N, blocks)](
+        *kernel_tokens(call), *kernel_forced(call), *cache, *new, open_copies, o, *decisions,
+        T, *runtime_options(call.opts, Dk, Dv), **compile_options(call, Dk),
         BLOCK_DV=block_dv, num_warps=PREFILL_WARPS)
-    return o, new, finished(decisions)
+    return host.Launched(o, new, decisions)
 
 
 # The prefill kernel's register stack needs the registers of 8 warps (see prefill_block_dv).
 PREFILL_WARPS = 8
 
 
-def allocate_outputs(tokens: Tokens):
-    """o [B, T, H, Dv] in the inputs' promoted dtype, and the trace buffers [B, T, H]:
-    scores float32, boundary int8 (triton stores bytes), merged int64."""
-    B, T, H, _ = tokens.q.shape
-    dtype = reduce(torch.promote_types, (x.dtype for x in tokens if x is not None))
-    device = tokens.q.device
-    o = torch.empty((B, T, H, tokens.v.shape[3]), dtype=dtype, device=device)
-    decisions = (torch.empty((B, T, H), dtype=torch.float32, device=device),
-                 torch.empty((B, T, H), dtype=torch.int8, device=device),
-                 torch.empty((B, T, H), dtype=torch.int64, device=device))
+def kernel_tokens(call: host.Call):
+    """(q, k, v, lam, alpha, beta) as the kernels read them: contiguous streams [N, T, ...]
+    in float32, token t of stream n at row n T + t (None where the backbone has none)."""
+    return tuple(None if x is None else x.contiguous() for x in call.tokens)
+
+
+def kernel_forced(call: host.Call):
+    """A forced trace on the device as the kernels read it: boundary int8 (triton stores
+    bytes) and merged int64, [N, T]; (None, None) without one."""
+    if call.forced is None:
+        return None, None
+    boundary, merged = call.forced
+    return (torch.from_numpy(boundary.astype("int8")).to(call.device),
+            torch.from_numpy(merged).to(call.device))
+
+
+def allocate_outputs(call: host.Call):
+    """o [N, T, Dv] in the inputs' dtype, and the trace buffers [N, T]: scores float32,
+    boundary int8, merged int64 (``host.finish`` makes boundary bool)."""
+    (N, T), Dv, dev = call.streams, call.shape[4], call.device
+    o = torch.empty((N, T, Dv), dtype=call.out_dtype, device=dev)
+    decisions = (torch.empty((N, T), dtype=torch.float32, device=dev),
+                 torch.empty((N, T), dtype=torch.int8, device=dev),
+                 torch.empty((N, T), dtype=torch.int64, device=dev))
     return o, decisions
-
-
-def finished(decisions):
-    """The trace buffers as the Trace fields: boundary as bool."""
-    scores, boundary, merged = decisions
-    return scores, boundary.to(torch.bool), merged
 
 
 def runtime_options(opts, Dk, Dv):
@@ -661,10 +557,10 @@ def runtime_options(opts, Dk, Dv):
             int(opts.normalize), int(opts.slots == "newest-first"))
 
 
-def compile_options(opts, forced, Dk):
+def compile_options(call: host.Call, Dk):
     """The compile-time arguments both kernels share."""
-    return dict(BACKBONE=opts.backbone, FORCED=forced is not None,
-                BLOCK_K=tile(opts.capacity), BLOCK_DK=tile(Dk))
+    return dict(BACKBONE=call.opts.backbone, FORCED=call.forced is not None,
+                BLOCK_K=tile(call.opts.capacity), BLOCK_DK=tile(Dk))
 
 
 def tile(size: int) -> int:
