@@ -1,8 +1,8 @@
-"""Time the CuPy kernel (backends/kernels/cuda/dla_scan.cu) at several block sizes, each checked first.
+"""Time the CuPy kernel (backends/kernels/cuda/dla_scan.cu) at several block sizes, each checked.
 
 A development tool for choosing DLA_BLOCK (the shipped value is cuda_model.BLOCK), in
 the llm.c dev/cuda manner: every variant is validated against dla_ref on a paper-sized
-case before it is timed. Workloads are DESIGN.md's, on random tokens (so nearly every
+case before it is timed. The workloads of docs/benchmarks.md, on random tokens (so nearly every
 token opens a slot and, once the cache is full, merges: the decision path's worst case):
 
     W-prefill  B=2, H=8, T=4096, Dk=Dv=64, K=30, mamba2 and linear
@@ -66,8 +66,8 @@ def measure(rng):
                                        "W-prefill linear": (2, 4096, 8, "linear"),
                                        "W-gdn": (1, 1024, 4, "gdn")}.items():
         x = tokens(rng, B, T, H, 64, 30, backbone)
-        rates[name] = B * T / seconds(lambda: cupy_kernels.dla(**x, backbone=backbone,
-                                                               capacity=30))
+        rates[name] = B * T / seconds(lambda x=x, backbone=backbone: cupy_kernels.dla(
+            **x, backbone=backbone, capacity=30))
     x = tokens(rng, 1, 65, 8, 64, 30, "mamba2")
     cache = cupy_kernels.dla(**{n: a[:, :1] for n, a in x.items()}, backbone="mamba2",
                              capacity=30).cache

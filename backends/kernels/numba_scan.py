@@ -75,7 +75,7 @@ def scan_streams(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, 
 @njit(cache=True)
 def scan_stream(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, boundary, merged,
                 forced, backbone, state_score, normalize, newest_first, tau, eps):
-    """One stream, t = 0 ... T-1: SPEC §3's step, in its order.   -> m after token T-1
+    """One stream, t = 0 ... T-1: the step of docs/index.md, in its order.   -> m after token T-1
 
     q, k [T, Dk]; v [T, Dv]; lam [T, K]; alpha, beta [T]; S [K, Dk, Dv], n, info [K]
     and the int m are the stream's cache; o [T, Dv] and scores [T] are written;

@@ -496,7 +496,8 @@ def scores_while_absorbing(x: ChunkScalars, p, holds_start, first, open_norm, li
     """I_j for every token j >= p, if the open slot absorbs tokens p ... j-1.   [N, C]
 
     The open slot holds S_0 (if ``holds_start``) and the chunk's tokens first ... p-1,
-    and ||S_open||^2 = open_norm after token p - 1. Then, for j >= p (SPEC §7):
+    and ||S_open||^2 = open_norm after token p - 1. Then, for j >= p
+    (docs/spec/information-score.md):
 
         <S_open, s_j>   = [holds_start] exp(L_j) k_j^T S_0 v_j + sum_{s=first}^{j-1} Gd[j, s]
         ||S_open||^2    = exp(2 (L_j - L_{p-1})) open_norm
@@ -555,7 +556,7 @@ def item_weights(lam, used, slot_of, slots):
     """Lambda of every item for every token of one or more chunks.   [N, C, K + C]
 
     weight[n, j, x] = w_j[slot_of[j, x]], w_j = slot_weights(lam_j, m_j, slots): the
-    readout weight of the slot that holds item x after token j (SPEC §3.6, both slot
+    readout weight of the slot that holds item x after token j (docs/spec/readout.md, both slot
     orders). lam [N, C, K], used [N, C] (m_j), slot_of [N, C, K + C].
     """
     import torch

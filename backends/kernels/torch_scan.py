@@ -87,7 +87,8 @@ def scan(xp, tokens, cache, opts, decide_at, recording):
 
 
 def step(xp, cache, token, opts, decide, recording):
-    """One token for N streams (SPEC §3): transition, score, decide, merge, write, read.
+    """One token for N streams: transition, score, decide, merge, write, read (the step
+    of docs/index.md).
 
     cache (S [N,K,Dk,Dv], n [N,K] int64, info [N,K], m [N] int64, P [N,K] int64): slot
     fields as storage rows addressed through P; token (q, k, kt, v, lam, alpha) as from

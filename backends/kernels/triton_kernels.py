@@ -60,7 +60,7 @@ def load_token(q, k, v, alpha, beta, row, rows, row_mask, cols, col_mask, Dk, Dv
 
 @triton.jit
 def transition(X, k, alpha, beta, BACKBONE: tl.constexpr):
-    """G_t X for a stack of blocks X [S, BLOCK_DK, BLOCK_DV] (SPEC §2).
+    """G_t X for a stack of blocks X [S, BLOCK_DK, BLOCK_DV] (docs/spec/backbones.md).
 
     linear: X;  mamba2: alpha X;  gdn: alpha (X - beta k (k^T X)).   k [BLOCK_DK].
     Columns transition independently, so a program can transition its block alone.
@@ -87,7 +87,7 @@ def contribution(k, v, beta, BACKBONE: tl.constexpr):
 def open_state_scalars(S_open, has_open, k, v_row, alpha, beta, rows, row_mask, Dv,
                        BACKBONE: tl.constexpr, WRITE_BACK: tl.constexpr,
                        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The three scalars of the score (SPEC §7) over all Dv columns:
+    """The three scalars of the score (docs/spec/information-score.md) over all Dv columns:
     (||s_t||^2, ||S_open||^2, <S_open, s_t>), with S_open after the transition.
 
     S_open points at a [Dk, Dv] row-major state, read as zero unless has_open (an
@@ -178,7 +178,8 @@ def pair_density(n, info, n_next, info_next, slot, K):
 @triton.jit
 def decide(score, silent, m, n, info, n_next, info_next, slot, K, tau, forced_boundary,
            forced_merged, row, FORCED: tl.constexpr):
-    """The boundary b_t and the merged pair j (-1: none) of one stream (SPEC §3.3, §3.5).
+    """The boundary b_t and the merged pair j (-1: none) of one stream
+    (docs/spec/boundaries.md, docs/spec/merging.md).
 
     b_t = [m = 0] or [I_t >= tau] (note >=; with K = 1 only [m = 0]); a zero
     contribution (silent = 1) is absorbed whenever m > 0, whatever tau.
@@ -221,7 +222,7 @@ def decide_token(S_open, n, info, m, k, v_row, alpha, beta, row, K, tau, eps,
                  Dk, Dv, BACKBONE: tl.constexpr, FORCED: tl.constexpr,
                  WRITE_BACK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
                  BLOCK_DV: tl.constexpr):
-    """Steps 2, 3 and 5a of SPEC §3 for one stream, computed alike by all its programs:
+    """Steps 2, 3 and 5a of docs/index.md's step for one stream, computed alike by all its programs:
     score the token against the open state, decide, and update the counts.
 
     n [BLOCK_K] int64, info [BLOCK_K] float32, m int32: the counts before the token;
@@ -290,7 +291,7 @@ def store_counts(n_out, info_out, m_out, stream, n, info, m, K, first,
 def update_slots(src, dst, lam_row, q, k, s, alpha, beta, m, merged, target, m_new, K,
                  newest_first, offsets, mask, slot_size, BACKBONE: tl.constexpr,
                  SLOT_BLOCK: tl.constexpr):
-    """Steps 1 and 4-6 of SPEC §3 on this program's block of all K slots, from the
+    """Steps 1 and 4-6 of docs/index.md's step on this program's block of all K slots, from the
     cache src to the cache dst, SLOT_BLOCK slots at a time. Returns o_t on the block.
 
     Slot i of dst, from the slots of src (transitioned as they are loaded):
