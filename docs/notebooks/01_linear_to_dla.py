@@ -24,7 +24,7 @@
 # | method | blocks | states |
 # |---|---|---|
 # | linear attention | one block: the whole past | 1 |
-# | Log-Linear Attention | a Fenwick tree: power-of-two blocks set by the position | $1 + \mathrm{popcount}(t)$ |
+# | Log-Linear Attention | Fenwick: power-of-two blocks by position | $1 + \mathrm{popcount}(t)$ |
 # | DLA | cut where the content changes, at most $K$, merged by information density | $\le K$ |
 #
 # This notebook runs all three on one stream and draws their partitions over time.

@@ -118,7 +118,8 @@ plt.show()
 #   boundaries drew: aligned with the change points, every needle alone. At its state
 #   count it has the lowest bound of all policies and recalls every needle, close to the
 #   partition drawn by hand.
-# - **Fewer states.** Then the density merge (SPEC §3.5a) decides. It merges the adjacent
+# - **Fewer states.** Then the density merge
+#   ([docs/spec/merging.md](../spec/merging.md)) decides. It merges the adjacent
 #   pair with the least information per token — and the long, quiet blocks of two
 #   *different* segments are exactly that. The merged block straddles a change point, so
 #   the bound rises, and at equal budgets a blind grid can have the lower bound. The

@@ -18,8 +18,8 @@
 # differently where a score lies a hair from $\tau$, and after that one decision their
 # outputs differ by O(1). So outputs alone cannot tell a correct kernel from a wrong one.
 #
-# The project's answer (SPEC §4): every implementation returns the **trace** of its
-# decisions, and a kernel is tested in two halves:
+# The project's answer ([docs/spec/trace.md](../spec/trace.md)): every implementation
+# returns the **trace** of its decisions, and a kernel is tested in two halves:
 #
 # 1. **decide** — replaying the kernel's trace, the reference recomputes every score and
 #    density and checks that each decision was right up to a tolerance (*admissibility*);
@@ -121,7 +121,8 @@ for name, run in (("tau = I", at), ("tau = next float", above)):
 t_bad = next(t for t in range(T) if tr.merged[0, t, 0] >= 0 and tr.scores[0, t, 0] > 1.3)
 wrong = dla_ref.Trace(tr.scores, tr.boundary.copy(), tr.merged.copy())
 wrong.boundary[0, t_bad, 0], wrong.merged[0, t_bad, 0] = False, -1
-print(f"token {t_bad}: I = {tr.scores[0, t_bad, 0]:.3f} >= tau = {options['tau']}, forced to absorb")
+print(f"token {t_bad}: I = {tr.scores[0, t_bad, 0]:.3f} >= tau = {options['tau']}, "
+      "forced to absorb")
 print(dla_ref.check_trace(**case, **options, trace=wrong))
 
 # %% [markdown]
@@ -152,7 +153,7 @@ except ValueError as err:
 # and then in one call.
 
 # %%
-import torch
+import torch  # noqa: E402  (here, where the notebook first needs it: torch is optional)
 
 native = {name: torch.tensor(x, dtype=torch.float32) for name, x in case.items()}
 backend = "triton"
@@ -187,7 +188,8 @@ print("traces equal to the reference's own:",
       all(np.array_equal(a, b) for a, b in zip(kernel_trace[1:], tr[1:])))
 
 # %% [markdown]
-# `assert_matches_reference` runs both halves (and the exact rules of SPEC §3, and
+# `assert_matches_reference` runs both halves (and the exact rules of
+# [docs/spec/boundaries.md](../spec/boundaries.md), and
 # trace equality where every decision is clear) for any callable with the signature of
 # `dla_ref.dla`, and prints a paste-ready reproducer on failure. It returns the largest
 # share of a tolerance budget used:
