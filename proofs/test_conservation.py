@@ -1,4 +1,4 @@
-"""Conservation (SPEC §2, §7): DLA's slots add up to the single-state backbone.
+"""Conservation (docs/spec/backbones.md): DLA's slots add up to the single-state backbone.
 
 Statement. For every backbone, capacity K >= 1, threshold tau, score mode and
 input, at every token t

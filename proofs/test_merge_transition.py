@@ -1,4 +1,4 @@
-"""Merge and transition commute (SPEC §2, §7): their order inside a step is free.
+"""Merge and transition commute (docs/spec/backbones.md): their order inside a step is free.
 
 Statement. For every backbone, every cache S [N, K, Dk, Dv] and every merge
 choice j in {-1 (none), 0, ..., K-2} per stream,

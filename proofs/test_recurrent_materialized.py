@@ -1,6 +1,6 @@
-"""Recurrent = materialized (SPEC §5, §7): two definitions of DLA's output agree.
+"""Recurrent = materialized (docs/spec/materialized.md): two definitions of DLA's output agree.
 
-Statement. Let a recurrent run (``dla_ref.dla``, SPEC §3) produce outputs o_t and a
+Statement. Let a recurrent run (``dla_ref.dla``, docs/spec/boundaries.md) produce outputs o_t and a
 trace. For every backbone and both slot orders, the materialized form of that
 trace (``dla_ref.materialized``) gives the same outputs:
 
