@@ -85,7 +85,7 @@ def open_state_error(case, C):
         S_t, _, _, m_t = state_after(case, t)
         S_c0, _, _, m_c0 = state_after(case, c0)
         want = np.exp(L[:, t])[:, None, None] * open_state(S_t, m_t)  # after the transition
-        decay = lambda s: np.exp(np.sum(L[:, s + 1:t + 1], axis=1))  # noqa: E731  d(t, s)
+        decay = lambda s, t=t: np.exp(np.sum(L[:, s + 1:t + 1], axis=1))  # noqa: E731 d(t, s)
         got = np.zeros_like(want)
         for n in range(N):
             opened = np.flatnonzero(boundary[n, c0:t])
@@ -132,6 +132,7 @@ def scalars_from_definitions(k, v, L, S0, slip=None):
         gram_prefix=prefix_sums,
         gram_before=prefix_sums[:, j, j],
         decay2=d * d,
+        silent=~np.any(k != 0, axis=2) | ~np.any(v != 0, axis=2),  # a zero contribution
     )
 
 
