@@ -75,15 +75,12 @@ def scan(xp, tokens, cache, opts, decide_at, recording):
     """
     import torch
 
-    outputs, scores, boundaries, merges = [], [], [], []
+    per_step = []  # (o, score, boundary, merged) of each token
     for t, token in enumerate(tokens):
-        cache, o, score, b, j = step(xp, cache, token, opts, decide_at(t), recording)
-        outputs.append(o)
-        scores.append(score)
-        boundaries.append(b)
-        merges.append(j)
-    stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-    return cache, stack(outputs), (stack(scores), stack(boundaries), stack(merges))
+        cache, *made = step(xp, cache, token, opts, decide_at(t), recording)
+        per_step.append(made)
+    o, scores, boundary, merged = (torch.stack(xs, dim=1) for xs in zip(*per_step))
+    return cache, o, (scores, boundary, merged)
 
 
 def step(xp, cache, token, opts, decide, recording):
