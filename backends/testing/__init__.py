@@ -17,6 +17,8 @@ from, one module per idea:
   where, the share of the budget used and a reproducer;
 - ``layers``: ``check_decide`` and ``check_apply`` (the two layers of SPEC §4),
   ``check_case`` and ``assert_matches_reference``;
+- ``gradients``: ``check_grads`` and ``assert_grads_match_reference``, a backward pass
+  against ``dla_ref.vjp`` under the reference's trace;
 - ``strategies``: Hypothesis strategies aimed at the known bug sites and the seeded specs
   of ``dla check``;
 - ``golden``: the golden vectors (imported on its own: ``dla_backends.testing.golden``).
@@ -36,6 +38,8 @@ from .cases import NAMED_CASES, Case, CaseSpec, build_case, load_case, random_tr
 from .layers import (Margins, assert_matches_reference, check_apply, check_case,
                      check_decide, check_layout, decision_margins, decision_tolerance,
                      run_candidate)
+from .gradients import (GradientContext, assert_grads_match_reference, check_grads,
+                        gradient_backends, why_no_gradients)
 from .strategies import case_specs, cases, draw_spec, seeded_specs
 from .tolerances import TOLERANCES, Context, Tolerance, assert_close, tolerance
 
@@ -54,4 +58,7 @@ __all__ = [
     "check_layout", "decision_margins", "decision_tolerance", "run_candidate",
     # strategies
     "case_specs", "cases", "draw_spec", "seeded_specs",
+    # gradients
+    "GradientContext", "assert_grads_match_reference", "check_grads", "gradient_backends",
+    "why_no_gradients",
 ]
