@@ -139,7 +139,14 @@ class CaseSpec:
     tau           a number (+-inf allowed), or "at-score": stream 0's score at the first
                   token whose boundary is a free decision (which no tau changes)
     decay         log alpha: "moderate" U(-2, 0), "none" exactly 0, "extreme" -20,
-                  "mixed" a per-token choice among 0, -1e-8, -20 and U(-2, 0)
+                  "mixed" a per-token choice among 0, -1e-8, -20 and U(-2, 0), "strong"
+                  U(-12, -4) at every token (a state left alone leaves float32's range
+                  within about ten tokens, float64's much later)
+    beta          gdn's beta: "uniform" U(0, 1) with a tenth exactly 0, "near-one"
+                  1 - 10^U(-8, -1) with a fifth exactly 1 (with Dk = 1 the transition
+                  erases the open state to rounding error)
+    zeros         the share of tokens whose contribution s_t is exactly 0 (beta_t = 0,
+                  k_t = 0 or v_t = 0, at random), e.g. 0.3
     keys          "normal" N(0, 1) (unit rows for gdn, so that I - beta k k^T is a
                   contraction), "zero" (about a third of the keys are 0), "tiny" (1e-4)
     tokens        "random" (independent N(0, 1)), "segments" (piecewise stationary, see
@@ -165,6 +172,8 @@ class CaseSpec:
     slots: str = "oldest-first"
     tau: float | str = 0.6
     decay: str = "moderate"
+    beta: str = "uniform"
+    zeros: float = 0.0
     keys: str = "normal"
     tokens: str = "random"
     split: int = 0
@@ -209,7 +218,11 @@ def build_case(spec: CaseSpec) -> Case:
 
 
 def draw_tokens(rng, spec: CaseSpec, B, T, H) -> dict:
-    """q, k, v [B, T, H, D] and log_alpha, beta [B, T, H] (None where unused), per spec."""
+    """q, k, v [B, T, H, D] and log_alpha, beta [B, T, H] (None where unused), per spec.
+
+    The draws are made in a fixed order, and a field at its default draws nothing, so
+    that adding a field leaves the cases of existing specs (named, golden) unchanged.
+    """
     q = rng.standard_normal((B, T, H, spec.Dk))
     k = rng.standard_normal((B, T, H, spec.Dk))
     v = rng.standard_normal((B, T, H, spec.Dv))
@@ -221,25 +234,65 @@ def draw_tokens(rng, spec: CaseSpec, B, T, H) -> dict:
         k[rng.random((B, T, H)) < 1 / 3] = 0.0
     elif spec.keys == "tiny":
         k *= 1e-4
-    log_alpha = beta = None
-    if spec.backbone != "linear":
-        log_alpha = {"moderate": lambda: -2 * rng.random((B, T, H)),
-                     "none": lambda: np.zeros((B, T, H)),
-                     "extreme": lambda: np.full((B, T, H), -20.0),
-                     "mixed": lambda: rng.choice([0.0, -1e-8, -20.0, -2 * rng.random()],
-                                                 size=(B, T, H))}[spec.decay]()
-    if spec.backbone == "gdn":
-        # beta in [0, 1), exact 0 included. beta = 1 with a repeated unit key erases the
-        # open state down to rounding error, whose direction (the score) is noise.
-        beta = rng.random((B, T, H))
-        beta[rng.random((B, T, H)) < 0.1] = 0.0
+    log_alpha = None if spec.backbone == "linear" else draw_decay(rng, spec.decay, (B, T, H))
+    beta = draw_beta(rng, spec.beta, (B, T, H)) if spec.backbone == "gdn" else None
+    tokens = dict(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta)
     if spec.tokens == "repeated":
-        for t in range(1, T):
-            again = rng.random((B, H)) < 0.7
-            for x in (q, k, v, log_alpha, beta):
-                if x is not None:
-                    x[:, t][again] = x[:, t - 1][again]
-    return dict(q=q, k=k, v=v, log_alpha=log_alpha, beta=beta)
+        repeat_tokens(rng, tokens)
+    if spec.zeros:
+        zero_contributions(rng, tokens, spec.zeros)
+    return tokens
+
+
+def draw_decay(rng, decay: str, shape) -> np.ndarray:
+    """log alpha [B, T, H] of a decay kind (see ``CaseSpec``)."""
+    draw = {"moderate": lambda: -2 * rng.random(shape),
+            "none": lambda: np.zeros(shape),
+            "extreme": lambda: np.full(shape, -20.0),
+            "mixed": lambda: rng.choice([0.0, -1e-8, -20.0, -2 * rng.random()], size=shape),
+            "strong": lambda: -4 - 8 * rng.random(shape)}
+    return draw[decay]()
+
+
+def draw_beta(rng, kind: str, shape) -> np.ndarray:
+    """beta [B, T, H] of a kind (see ``CaseSpec``).
+
+    beta = 1 with a repeated unit key (or any unit key when Dk = 1) erases the open
+    state down to rounding error, whose direction (the score) is noise: "near-one"
+    aims there.
+    """
+    if kind == "near-one":
+        beta = 1 - 10.0 ** rng.uniform(-8, -1, shape)
+        beta[rng.random(shape) < 0.2] = 1.0
+        return beta
+    beta = rng.random(shape)  # in [0, 1), exact 0 included
+    beta[rng.random(shape) < 0.1] = 0.0
+    return beta
+
+
+def repeat_tokens(rng, tokens: dict) -> None:
+    """Each token repeats the previous one with probability 0.7, per stream (in place)."""
+    B, T, H = tokens["q"].shape[:3]
+    for t in range(1, T):
+        again = rng.random((B, H)) < 0.7
+        for x in tokens.values():
+            if x is not None:
+                x[:, t][again] = x[:, t - 1][again]
+
+
+def zero_contributions(rng, tokens: dict, share: float) -> None:
+    """Make a ``share`` of the tokens contribute exactly s_t = 0 (in place).
+
+    Each chosen token gets beta_t = 0 (gdn), k_t = 0 or v_t = 0, picked at random among
+    those its backbone has: the zero-contribution rule of docs/spec/information-score.md
+    is tested on the inputs, each of which must trigger it.
+    """
+    B, T, H = tokens["q"].shape[:3]
+    chosen = rng.random((B, T, H)) < share
+    ways = ("k", "v") + (("beta",) if tokens["beta"] is not None else ())
+    way = rng.integers(len(ways), size=(B, T, H))
+    for number, name in enumerate(ways):
+        tokens[name][chosen & (way == number)] = 0.0
 
 
 def piecewise_stationary(rng, x, change=0.25, noise=0.3) -> np.ndarray:
@@ -329,4 +382,12 @@ NAMED_CASES = {
                                               T=12, capacity=3, seed=12),
     "zero keys, no normalization": CaseSpec(keys="zero", normalize=False, T=12, seed=13),
     "tiny keys, gdn": CaseSpec(backbone="gdn", keys="tiny", T=12, seed=14),
+    # Issue 13: beta = 0 at t = 1 (a zero contribution) once opened an empty slot, and the
+    # next score against that empty state was ~2/eps, set by rounding noise.
+    "zero contribution, then a score against an empty state (gdn, Dk = 1)": CaseSpec(
+        seed=3322, T=16, H=2, Dk=1, Dv=4, capacity=4, backbone="gdn", tau=0.6),
+    # Issue 15: state-mode scores of blocks of similar tokens are small, where the
+    # three-scalar score cancels (float32 scalars lost half their digits).
+    "state-mode scores of similar tokens (three-scalar cancellation)": CaseSpec(
+        seed=143, T=24, H=2, Dk=1, Dv=1, capacity=4, score="state", tokens="segments"),
 }

@@ -22,25 +22,32 @@ def draw_spec(pick: Callable[[str, tuple], Any], backbone: str | None = None) ->
     """A CaseSpec whose every field is chosen by ``pick(name, options)``.
 
     The options list the simplest first (Hypothesis shrinks towards it) and aim at
-    the known bug sites: T = 1 and T not a multiple of a chunk (1..24), K = 1, 2,
-    >= T, reached exactly and exceeded by one, scores at tau (tau "at-score", 0),
-    tau = +-inf, exact ties (repeated tokens), decay extremes, zero and tiny keys,
-    odd head sizes (1..8), initial caches, forced traces and strided inputs.
+    the known bug sites: T = 1 and T not a multiple of a chunk (1..24, and 48), K = 1,
+    2, >= T, reached exactly and exceeded by one, scores at tau (tau "at-score", 0),
+    tau = +-inf, exact ties (repeated tokens), decay extremes and long strong decay,
+    zero and tiny keys, odd head sizes (1..8, Dk = 1 twice as often), initial caches,
+    forced traces and strided inputs; and what found issues 13 and 15 of the score:
+    contributions that are exactly zero (beta = 0, k = 0 or v = 0 at random tokens),
+    gdn with beta near 1 (with Dk = 1 it erases the open state), state-mode scores of
+    long blocks of similar tokens ("segments"). Repeating an option weights it.
     ``backbone`` fixes the backbone instead of drawing it.
     """
-    T = pick("T", tuple(range(1, 25)))
+    T = pick("T", tuple(range(1, 25)) + (48,))
     capacity = pick("capacity", (4, 1, 2, 3, 5, 8, T, T + 1, "reached", "exceeded"))
+    backbone = backbone or pick("backbone", dla_ref.BACKBONES)
     return CaseSpec(
         seed=pick("seed", tuple(range(2**16))),
         B=pick("B", (1, 2)), T=T, H=pick("H", (1, 2)),
-        Dk=pick("Dk", tuple(range(1, 9))), Dv=pick("Dv", tuple(range(1, 9))),
+        Dk=pick("Dk", (1,) + tuple(range(1, 9))), Dv=pick("Dv", tuple(range(1, 9))),
         capacity=capacity,
-        backbone=backbone or pick("backbone", dla_ref.BACKBONES),
+        backbone=backbone,
         score=pick("score", dla_ref.SCORES),
         normalize=pick("normalize", (True, False)),
         slots=pick("slots", dla_ref.SLOT_ORDERS),
         tau=pick("tau", (0.6, 0.3, 1.0, 1.4, "at-score", 0.0, math.inf, -math.inf)),
-        decay=pick("decay", ("moderate", "none", "extreme", "mixed")),
+        decay=pick("decay", ("moderate", "none", "extreme", "mixed", "strong")),
+        beta=pick("beta", ("uniform", "near-one")) if backbone == "gdn" else "uniform",
+        zeros=pick("zeros", (0.0, 0.0, 0.1, 0.3)),
         keys=pick("keys", ("normal", "zero", "tiny")),
         tokens=pick("tokens", ("random", "segments", "repeated")),
         split=pick("split", (0, 0, 1, 5)),
