@@ -26,13 +26,16 @@ from dla_backends.testing import (NAMED_CASES, Candidate, CaseSpec, availability
 
 ORIGINAL = {name: getattr(dla_ref.step, name)
             for name in ("merge_choice", "is_boundary", "slot_weights", "transition")}
+CASE_OF_ISSUE_13 = "zero contribution, then a score against an empty state (gdn, Dk = 1)"
+CASE_OF_ISSUE_15 = "state-mode scores of similar tokens (three-scalar cancellation)"
 
 
-def reference_with(target: str, broken: Callable) -> Callable:
-    """dla_ref.dla with ``dla_ref.step.<target>`` replaced by ``broken`` during the call."""
+def reference_with(target: str, broken: Callable, dtype=None) -> Callable:
+    """dla_ref.dla (computing in ``dtype``) with ``dla_ref.step.<target>`` replaced by
+    ``broken`` during the call."""
     def dla(*args, **kwargs):
         with mock.patch.object(dla_ref.step, target, broken):
-            return dla_ref.dla(*args, **kwargs)
+            return dla_ref.dla(*args, **kwargs, dtype=dtype)
     return dla
 
 
@@ -67,6 +70,23 @@ def slots_swapped(xp, lam, m, slots):
 def no_transition(xp, S, k, alpha, beta, backbone):
     """Drops the transition G_t: stored states never decay."""
     return S
+
+
+def never_zero(xp, k, v, beta, backbone):
+    """Sees no zero contribution: a token with beta = 0 is scored and may open a slot."""
+    return xp.zeros(k.shape[0], dtype=xp.bool)
+
+
+def cancelling_score(xp, s, S_open, opts):
+    """The score from three scalars by the expansion that cancels (issue 15):
+    sqrt(r_A^2 ||A||^2 - 2 r_A r_B <A, B> + r_B^2 ||B||^2) / (r_B ||B|| + eps), clamped."""
+    ss, SS, sS = (xp.sum(x * y, axis=(1, 2)) for x, y in ((s, s), (S_open, S_open), (S_open, s)))
+    AA, AB = (ss, sS) if opts.score == "token" else (SS + 2 * sS + ss, SS + sS)
+    size = s.shape[1] * s.shape[2]
+    rA, rB = (1 / xp.sqrt(X / size + opts.eps) if opts.normalize else xp.ones_like(X)
+              for X in (AA, SS))
+    radicand = xp.maximum(rA * rA * AA - 2 * rA * rB * AB + rB * rB * SS, xp.zeros_like(SS))
+    return dla_ref.step.clamp_score(xp, xp.sqrt(radicand) / (rB * xp.sqrt(SS) + opts.eps), opts)
 
 
 def ignoring(argument: str) -> Callable:
@@ -123,6 +143,14 @@ SABOTAGES = {
         "differs|inadmissible|does not fit"),
     "scores reported 0.5% high": Sabotage(
         candidate("scores high", scores_reported_high), MERGING, "apply", "trace.scores differs"),
+    "zero contribution scored (issue 13)": Sabotage(
+        candidate("zero contribution scored", reference_with("zero_contribution", never_zero)),
+        NAMED_CASES[CASE_OF_ISSUE_13], "decide", "must be absorbed|inadmissible boundary"),
+    "float32 score that cancels (issue 15)": Sabotage(
+        candidate("cancelling float32 score",
+                  reference_with("information_score", cancelling_score, np.float32),
+                  dtype="float32", state_dtype="float32"),
+        NAMED_CASES[CASE_OF_ISSUE_15], "apply", "trace.scores differs"),
     "float32 claiming float64": Sabotage(
         candidate("float32 as float64", float32_posing_as_float64), MERGING, "apply",
         "differs from the reference"),

@@ -41,7 +41,8 @@ from .layers import (Margins, assert_matches_reference, check_apply, check_case,
 from .gradients import (GradientContext, assert_grads_match_reference, check_grads,
                         gradient_backends, why_no_gradients)
 from .strategies import case_specs, cases, draw_spec, seeded_specs
-from .tolerances import TOLERANCES, Context, Tolerance, assert_close, tolerance
+from .tolerances import (SCORE_BOUNDS, TOLERANCES, Context, ScoreBound, Tolerance, assert_close,
+                         tolerance)
 
 __all__ = [
     # backends
@@ -52,7 +53,8 @@ __all__ = [
     # cases
     "NAMED_CASES", "Case", "CaseSpec", "build_case", "load_case", "random_trace",
     # tolerances
-    "TOLERANCES", "Context", "Tolerance", "assert_close", "tolerance",
+    "SCORE_BOUNDS", "TOLERANCES", "Context", "ScoreBound", "Tolerance", "assert_close",
+    "tolerance",
     # layers
     "Margins", "assert_matches_reference", "check_apply", "check_case", "check_decide",
     "check_layout", "decision_margins", "decision_tolerance", "run_candidate",

@@ -18,12 +18,13 @@ import numpy as np
 
 import dla_ref
 from dla_ref.recurrent import prepare, scan
-from dla_ref.step import dla_decision, pair_density
+from dla_ref.step import dla_decision, pair_density, zero_contribution
 from dla_ref.validation import check_options
 
 from .. import describe
 from .arrays import to_numpy, widened, widened_record
 from .backends import Candidate, candidate_for
+from .budgets import budgets
 from .cases import Case
 from .tolerances import Context, Tolerance, assert_close, tolerance
 
@@ -59,7 +60,7 @@ def check_layout(candidate: Candidate, case: Case, got: dla_ref.Result) -> None:
     context = Context(candidate, case)
     B, T, H = case.shape
     K, Dk, Dv = case.options["capacity"], case.q.shape[3], case.v.shape[3]
-    state = candidate.state_dtype or describe(got.cache.S)[2]
+    state = state_dtype(candidate, got)
     want = {
         "o": ((B, T, H, Dv), candidate.dtype), "cache.S": ((B, H, K, Dk, Dv), state),
         "cache.n": ((B, H, K), "int64"), "cache.info": ((B, H, K), state),
@@ -108,9 +109,9 @@ def decision_margins(case: Case) -> tuple[dla_ref.Trace, Margins]:
     score_gaps, density_gaps = [], []
 
     def decide_at(t):
-        def decide(score, m, n, info):
-            boundary, merged = own(score, m, n, info)
-            free = (m > 0) & (opts.capacity > 1)
+        def decide(score, m, n, info, silent):
+            boundary, merged = own(score, m, n, info, silent)
+            free = (m > 0) & (opts.capacity > 1) & ~silent  # a zero contribution is absorbed
             score_gaps.append(np.where(free, np.abs(score - opts.tau), np.inf))
             density_gaps.append(np.where(merged >= 0, second_gap(pair_density(xp, n, info)),
                                          np.inf))
@@ -138,9 +139,7 @@ def check_decide(candidate: Candidate, case: Case, got: dla_ref.Result) -> None:
 
     - A forced trace: the returned boundary and merged equal it.
     - Otherwise: the trace fits the cache and is admissible (``dla_ref.check_trace``),
-      and the rule no rounding can change holds: with tau <= 0 and K >= 2 every token
-      opens a slot (every I_t >= 0 and the rule is I_t >= tau; a tolerance would let
-      a '>' slip through).
+      and the rules no rounding can change hold exactly (``check_exact_rules``).
 
     Admissibility implies SPEC §4's "away from ties the traces are equal": up to the
     first decision where the two differ, the replay runs through the reference's own
@@ -148,8 +147,9 @@ def check_decide(candidate: Candidate, case: Case, got: dla_ref.Result) -> None:
     score lies within the tolerance of tau (or its two least dense pairs within it of
     each other), i.e. only where ``decision_margins`` says the decision is not clear.
 
-    The tolerance is the candidate's decision tolerance times max(1, the largest score
-    of the reference's run): scores are O(1) when normalized, unbounded when not.
+    The tolerance is the candidate's score budget at max(1, the largest score of the
+    reference's run) (``decision_tolerance``): scores are O(1) when normalized,
+    unbounded when not.
     """
     context = Context(candidate, case)
     trace = trace_to_numpy(got.trace)
@@ -165,22 +165,62 @@ def check_decide(candidate: Candidate, case: Case, got: dla_ref.Result) -> None:
         context.fail(f"its trace does not fit the cache: {exc}")
     if miss is not None:
         context.fail(f"{miss} (tolerance {tol:g})")
-    tau, K = case.options["tau"], case.options["capacity"]
-    if tau <= 0 and K >= 2 and not trace.boundary.all():
-        b, t, h = min(np.argwhere(~trace.boundary).tolist(), key=lambda i: (i[1], i[0], i[2]))
-        context.fail(f"tau = {tau} <= 0 and every score is >= 0, so every token must open "
-                     f"a slot (the rule is I_t >= tau); token t={t}, b={b}, h={h} did not")
+    check_exact_rules(context, case, trace)
+
+
+def check_exact_rules(context: Context, case: Case, trace: dla_ref.Trace) -> None:
+    """The rules no rounding can change (docs/spec/information-score.md), exactly:
+
+    - a zero contribution (beta_t = 0, k_t = 0 or v_t = 0, tested on the inputs) at a
+      non-empty cache is absorbed: no boundary, I_t = 0;
+    - every I_t >= 0, and I_t <= 2 when normalized (the clamp);
+    - with tau <= 0 and K >= 2 every other token opens a slot (the rule is I_t >= tau;
+      a tolerance would let a '>' slip through).
+    """
+    opts = case.options
+    silent = zero_contribution(np, case.k, case.v, case.beta, opts["backbone"])
+    started = np.zeros(case.shape, dtype=bool)  # [B, T, H]: the cache is not empty before t
+    started[:, 1:] = True
+    if case.initial_cache is not None:
+        started |= (case.initial_cache.m > 0)[:, None, :]
+    absorbed = silent & started
+    high = 2.0 if opts["normalize"] else np.inf
+    rules = [
+        (absorbed & (trace.boundary | (trace.scores != 0)),
+         "its contribution is exactly zero, so it must be absorbed (no boundary, I_t = 0)"),
+        (~((trace.scores >= 0) & (trace.scores <= high)),
+         f"its score is outside [0, {high:g}]"),
+    ]
+    if opts["tau"] <= 0 and opts["capacity"] >= 2:
+        rules.append((~absorbed & ~trace.boundary,
+                      f"tau = {opts['tau']} <= 0 and every score is >= 0, so it must open a "
+                      "slot (the rule is I_t >= tau)"))
+    for broken, why in rules:
+        if broken.any():
+            b, t, h = min(np.argwhere(broken).tolist(), key=lambda i: (i[1], i[0], i[2]))
+            context.fail(f"token t={t}, b={b}, h={h}: {why} (score {trace.scores[b, t, h]!r}, "
+                         f"boundary {bool(trace.boundary[b, t, h])})")
 
 
 def decision_tolerance(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
-    """The candidate's decision tolerance times max(1, max |I_t| of the reference's run)."""
-    scores = dla_ref.dla(**case.arguments()).trace.scores
-    return candidate_tolerance(candidate, got).decision * max(1.0, float(np.max(np.abs(scores))))
+    """The largest score budget of the reference's own run (``budgets``), and at least
+    the row's ``ScoreBound`` at max(1, its largest score): a pair density is a mean of
+    scores, so its error is within the budget of the largest."""
+    want = dla_ref.dla(**case.arguments())
+    tol = candidate_tolerance(candidate, got)
+    scores, _ = budgets(tol, state_dtype(candidate, got), case, want, want.trace)
+    largest = max(1.0, float(np.max(np.abs(want.trace.scores), initial=0.0)))
+    return max(float(np.max(scores, initial=0.0)), float(tol.score.of_scores(largest)))
+
+
+def state_dtype(candidate: Candidate, got: dla_ref.Result) -> str:
+    """The candidate's state dtype (an undeclared one is read from its S)."""
+    return candidate.state_dtype or describe(got.cache.S)[2]
 
 
 def candidate_tolerance(candidate: Candidate, got: dla_ref.Result) -> Tolerance:
-    """The tolerance row for the candidate (an undeclared state dtype is read from S)."""
-    return tolerance(candidate.state_dtype or describe(got.cache.S)[2], candidate.dtype)
+    """The tolerance row for the candidate."""
+    return tolerance(state_dtype(candidate, got), candidate.dtype)
 
 
 def check_apply(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
@@ -188,9 +228,9 @@ def check_apply(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
 
     Replays the candidate's trace (boundary, merged) through ``dla_ref.dla`` on the
     same inputs and compares: o and cache.S within the values tolerance; trace
-    scores within decision * max(1, |I_t|); cache.info within decision * max(n, |J|)
-    (a sum of n scores); cache.n, cache.m exactly. Returns the largest share of a
-    budget used.
+    scores and cache.info (a sum of n scores) within their budgets (``budgets``: the
+    error bound of the score for the state dtype, token by token, and the row's
+    ``ScoreBound``); cache.n, cache.m exactly. Returns the largest share of a budget used.
     """
     context = Context(candidate, case)
     tol = candidate_tolerance(candidate, got)
@@ -200,17 +240,14 @@ def check_apply(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
     except ValueError as exc:
         context.fail(f"its trace does not fit the cache: {exc}")
     values = lambda x: tol.atol + tol.rtol * (np.max(np.abs(x)) if x.size else 0)  # noqa: E731
+    scores, info = budgets(tol, state_dtype(candidate, got), case, want, trace)
     shares = [
         assert_close(got.o, want.o, values(want.o), "o", context),
         assert_close(got.cache.S, want.cache.S, values(want.cache.S), "cache.S", context),
         assert_close(got.cache.n, want.cache.n, 0, "cache.n", context),
         assert_close(got.cache.m, want.cache.m, 0, "cache.m", context),
-        assert_close(got.trace.scores, want.trace.scores,
-                     tol.decision * np.maximum(1, np.abs(want.trace.scores)),
-                     "trace.scores", context),
-        assert_close(got.cache.info, want.cache.info,
-                     tol.decision * np.maximum(want.cache.n, np.abs(want.cache.info)),
-                     "cache.info", context),
+        assert_close(got.trace.scores, want.trace.scores, scores, "trace.scores", context),
+        assert_close(got.cache.info, want.cache.info, info, "cache.info", context),
     ]
     return max(shares)
 

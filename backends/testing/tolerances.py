@@ -20,36 +20,87 @@ from .backends import Candidate
 from .cases import Case
 
 
+class ScoreBound(NamedTuple):
+    """The state's part of a score's budget: atol + rtol |I_t| + square I_t^2.
+
+    The whole budget of a score adds the error bound of the score itself
+    (``budgets``: dla_ref.step.score_error_bound for scalars of the state dtype, token
+    by token). This part covers the state's own rounding over the case's tokens, which
+    the candidate's S carries and the float64 replay does not:
+
+    atol, rtol  a relative error of the state is an absolute one of a token-mode score
+                and a relative one of a state-mode score;
+    square      the score's condition number grows like I_t / ||A - S_open|| where the
+                open state has vanished: an unnormalized score against a state erased
+                to rounding error is about ||s_t|| / eps, and its relative error about
+                (the state's rounding) / eps, itself proportional to I_t. Negligible for
+                normalized scores (<= 2).
+    """
+
+    atol: float
+    rtol: float
+    square: float
+
+    def of_scores(self, scores: np.ndarray) -> np.ndarray:
+        """This part of the budget of each score I_t (any shape)."""
+        return self.atol + self.rtol * np.abs(scores) + self.square * np.square(scores)
+
+    def of_info(self, info: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """This part of the budget of each J, a sum of n scores: at most the sum of
+        theirs, n atol + rtol |J| + square J^2."""
+        return n * self.atol + self.rtol * np.abs(info) + self.square * np.square(info)
+
+
+# Per state dtype (of S, info and the scores); square = 4 unit roundoffs.
+SCORE_BOUNDS = {
+    "float64": ScoreBound(atol=1e-12, rtol=1e-9, square=4 * 2.0**-53),
+    "float32": ScoreBound(atol=1e-5, rtol=2e-4, square=4 * 2.0**-24),
+    "float16": ScoreBound(atol=3e-2, rtol=3e-2, square=4 * 2.0**-11),
+    "bfloat16": ScoreBound(atol=1e-1, rtol=1e-1, square=4 * 2.0**-8),
+}
+
+
 class Tolerance(NamedTuple):
     """How far a candidate may be from the float64 reference.
 
-    values    (rtol, atol): outputs o and states S may differ by atol + rtol * max|want|
-              over the compared array (a per-element relative error is meaningless
-              where a readout sums terms that cancel)
-    decision  absolute tolerance on scores I_t and pair densities: the admissibility
-              check's score_tol and density_tol, the margin beyond which a reference
-              decision is clear, and, times max(1, |I_t|), the budget of a score
+    rtol, atol  outputs o and states S may differ by atol + rtol * max|want| over the
+                compared array (a per-element relative error is meaningless where a
+                readout sums terms that cancel)
+    score       the state's part of the budget of scores I_t and of info J (sums of
+                scores), ``ScoreBound``; the whole budget (``budgets``) adds the error
+                bound of the score; its largest over a case is the admissibility check's
+                score_tol and density_tol and the margin beyond which a reference
+                decision is clear (``decision_tolerance``)
     """
 
     rtol: float
     atol: float
-    decision: float
+    score: ScoreBound
+
+    @property
+    def decision(self) -> float:
+        """The state's part of a score's budget at I_t = 1, for callers that scale it
+        themselves; ``check_case`` uses the budgets of ``budgets`` instead."""
+        return float(self.score.of_scores(1.0))
 
 
-# Keyed by (state dtype, input dtype). The decision tolerance is wide enough for the
-# three-scalar score of SPEC §7 (dla_ref.step.information_score_from_scalars), whose
-# absolute error near I = 0 is about sqrt(machine epsilon) of the state dtype.
+def row(rtol: float, atol: float, state_dtype: str) -> Tolerance:
+    return Tolerance(rtol, atol, SCORE_BOUNDS[state_dtype])
+
+
+# Keyed by (state dtype, input dtype): the values part follows the inputs' precision,
+# the score part the state's.
 TOLERANCES = {
-    ("float64", "float64"): Tolerance(1e-9, 1e-12, 1e-6),
-    ("float64", "float32"): Tolerance(1e-6, 1e-9, 1e-6),
-    ("float64", "float16"): Tolerance(2e-3, 1e-6, 1e-6),
-    ("float64", "bfloat16"): Tolerance(1.6e-2, 1e-6, 1e-6),
-    ("float32", "float64"): Tolerance(1e-4, 1e-6, 1e-3),
-    ("float32", "float32"): Tolerance(1e-4, 1e-6, 1e-3),
-    ("float32", "float16"): Tolerance(2e-3, 1e-5, 1e-3),
-    ("float32", "bfloat16"): Tolerance(1.6e-2, 1e-5, 1e-3),
-    ("float16", "float16"): Tolerance(1e-2, 1e-3, 3e-2),
-    ("bfloat16", "bfloat16"): Tolerance(6e-2, 1e-2, 1e-1),
+    ("float64", "float64"): row(1e-9, 1e-12, "float64"),
+    ("float64", "float32"): row(1e-6, 1e-9, "float64"),
+    ("float64", "float16"): row(2e-3, 1e-6, "float64"),
+    ("float64", "bfloat16"): row(1.6e-2, 1e-6, "float64"),
+    ("float32", "float64"): row(1e-4, 1e-6, "float32"),
+    ("float32", "float32"): row(1e-4, 1e-6, "float32"),
+    ("float32", "float16"): row(2e-3, 1e-5, "float32"),
+    ("float32", "bfloat16"): row(1.6e-2, 1e-5, "float32"),
+    ("float16", "float16"): row(1e-2, 1e-3, "float16"),
+    ("bfloat16", "bfloat16"): row(6e-2, 1e-2, "bfloat16"),
 }
 
 
