@@ -46,8 +46,10 @@ GOLDEN_CASES = {
                                  tokens="segments", seed=119, **SHAPE),
     "mamba2-forced-trace": CaseSpec(T=12, capacity=3, backbone="mamba2", forced_trace=True,
                                     seed=105, **SHAPE),
+    # seed 104 until the clamp at 2 and the absorbed zero contributions (issue 13) brought
+    # a merge within 0.006 of a tie there
     "gdn-initial-cache": CaseSpec(T=8, capacity=3, tau=1.0, backbone="gdn", split=8,
-                                  slots="newest-first", tokens="segments", seed=104, **SHAPE),
+                                  slots="newest-first", tokens="segments", seed=255, **SHAPE),
     "linear-ties-at-tau-0": CaseSpec(T=10, capacity=3, tau=0.0, tokens="repeated",
                                      seed=107, **SHAPE),
     "mamba2-single-state": CaseSpec(T=8, capacity=1, backbone="mamba2", seed=108, **SHAPE),
