@@ -1,8 +1,8 @@
 """Golden vectors (backends/testing/golden/): intact, complete, and what the reference computes.
 
 A failure of ``test_reference_has_not_drifted`` means dla_ref changed its results: if the
-change is deliberate, regenerate with ``python -m dla_backends.testing.golden --write``
-and say so in the commit, since C++/CUDA tests elsewhere compare against these files.
+change is deliberate, regenerate with ``dla golden --write`` and say so in the commit,
+since C++/CUDA tests elsewhere compare against these files.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Golden vectors: small fixed cases computed by the reference, readable without Python.
 
-    python -m dla_backends.testing.golden            check the stored files against the reference
-    python -m dla_backends.testing.golden --write    regenerate them (after a deliberate change)
+    dla golden            check the stored files against the reference
+    dla golden --write    regenerate them (after a deliberate change)
+
+(``python -m dla_backends.testing.golden`` is the same command.)
 
 Each case is one uncompressed .npz file (a zip of .npy arrays: little-endian, C order)
 in backends/testing/golden/, and manifest.json describes them all: options, dimensions, and
@@ -12,7 +14,6 @@ docs/golden-vectors.md documents the layout.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -131,7 +132,7 @@ def describe_array(x: np.ndarray, offset: int) -> dict:
 def write(directory: Path = DIRECTORY) -> dict:
     """Compute every golden case with the reference and write the files; returns the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = dict(format=FORMAT, generator="python -m dla_backends.testing.golden --write",
+    manifest = dict(format=FORMAT, generator="dla golden --write",
                     reference=f"dla_ref {dla_ref.__version__}", cases={})
     for name, spec in GOLDEN_CASES.items():
         case = build_case(spec)
@@ -242,22 +243,7 @@ def compare(label: str, got: dict, want: dict, rtol: float) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dla_backends.testing.golden",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="regenerate the files")
-    parser.add_argument("--dir", type=Path, default=DIRECTORY, help="where the files live")
-    args = parser.parse_args(argv)
-    if args.write:
-        manifest = write(args.dir)
-        print(f"wrote {len(manifest['cases'])} cases and manifest.json to {args.dir}")
-        return 0
-    problems = [p for name in read_manifest(args.dir)["cases"]
-                for p in checksum_problems(name, args.dir) + drift(name, args.dir)]
-    print("\n".join(problems) or f"all golden cases in {args.dir} match the reference")
-    return 1 if problems else 0
+if __name__ == "__main__":  # the same as ``dla golden`` (backends/cli/golden.py)
+    from dla_backends.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["golden", *sys.argv[1:]]))
