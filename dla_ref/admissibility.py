@@ -9,6 +9,7 @@ a tolerance:
     b_t = 1 (with a free choice) needs I_t >= tau - score_tol
     b_t = 0                      needs I_t <  tau + score_tol
     merge j                      needs density_j - min_j' density_j' <= density_tol
+    b_t = 1 on a zero contribution (m > 0) misses by inf: DLA absorbs it whatever tau
 
 A decision is free when the cache is non-empty and K >= 2 (otherwise the rules
 force it, and a violation raises ValueError as for any forced trace). The page:
@@ -21,10 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._xp import device
+from ._xp import device, to_host, to_namespace
 from .recurrent import prepare, replay, scan
 from .step import decision_is_free, pair_density
-from .validation import check_options
+from .validation import check_options, check_real
 
 
 class Inadmissible(NamedTuple):
@@ -48,30 +49,37 @@ def check_trace(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta=
     """The first inadmissible decision of ``trace`` (ordered by t, then b, h), or None.
 
     Arguments as in ``dla_ref.dla``; ``trace`` is the candidate's Trace (its scores
-    are not read). Both tolerances are absolute (I_t and densities are O(1)); pick
-    them for the candidate's dtype (``dla_backends.testing`` has a table).
+    are not read), of any namespace: it is converted to the inputs'. Both tolerances
+    are absolute (I_t and densities are O(1)); pick them for the candidate's dtype
+    (``dla_backends.testing`` has a table).
     """
     opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
                          normalize=normalize, slots=slots, eps=eps)
     xp, (B, T, H), tokens, cache = prepare(q, k, v, lam, log_alpha, beta, opts,
                                            initial_cache, None)
-    replayed = replay(xp, trace, B, T, H, opts)
+    score_tol, density_tol = check_real("score_tol", score_tol), check_real("density_tol",
+                                                                         density_tol)
+    replayed = replay(xp, to_namespace(xp, device(q), trace), B, T, H, opts)
     free, margins = [], []  # per t: was b_t free; how much denser the merged pair was
+    absorbs = []  # per t: must b_t be 0 (a zero contribution, m > 0)
 
     def decide_at(t):
-        def decide(score_, m, n, info):
-            boundary, merged = replayed(t)(score_, m, n, info)
-            free.append(decision_is_free(m, opts.capacity))
+        def decide(score_, m, n, info, silent):
+            boundary, merged = replayed(t)(score_, m, n, info, silent)
+            free.append(decision_is_free(m, opts.capacity) & ~silent)
+            absorbs.append((m > 0) & silent)
             margins.append(density_margin(xp, n, info, merged))
             return boundary, merged
         return decide
 
     _, _, (scores, boundary, merged) = scan(xp, tokens, cache, opts, decide_at)
     free, margin = xp.stack(free, axis=1), xp.stack(margins, axis=1)
+    absorbs = xp.stack(absorbs, axis=1)
     zero = xp.zeros_like(scores)
+    never = xp.where(absorbs & boundary, zero + float("inf"), zero - 1)
     misses = {
-        "boundary": xp.where(free & boundary, (tau - score_tol) - scores, zero - 1),
-        "no-boundary": xp.where(free & ~boundary, scores - (tau + score_tol), zero - 1),
+        "boundary": xp.where(free & boundary, (opts.tau - score_tol) - scores, never),
+        "no-boundary": xp.where(free & ~boundary, scores - (opts.tau + score_tol), zero - 1),
     }
     misses["merge"] = xp.where(merged >= 0, margin - density_tol, zero - 1)
     return first_miss(misses, scores, H, strict={"no-boundary"})
@@ -111,12 +119,3 @@ def first_miss(misses, scores, H, strict):
     t, n, kind, margin = best
     return Inadmissible(t, n // H, n % H, kind, margin, float(to_host(scores)[n, t]))
 
-
-def to_host(x):
-    """A NumPy copy of an array of any namespace (for reporting only)."""
-    if hasattr(x, "detach"):  # torch
-        x = x.detach().cpu()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError, RuntimeError):  # array_api_strict has no __array__
-        return np.from_dlpack(x)

@@ -12,10 +12,10 @@ The page: docs/spec/baselines.md.
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype, device
-from .recurrent import from_streams, tokens_to_streams
+from ._xp import device
+from .recurrent import from_streams, prepare_tokens
 from .step import contribution, readout, transition
-from .validation import check_inputs, check_options
+from .validation import check_options
 
 
 def fenwick_levels(T: int) -> int:
@@ -37,26 +37,37 @@ def carry_level(t: int) -> int:
     return (t & -t).bit_length()
 
 
-def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, dtype=None):
+def loglinear(q, k, v, lam=None, *, backbone="linear", log_alpha=None, beta=None, dtype=None):
     """Log-Linear Attention, recurrent over levels.   -> o [B, T, H, Dv]
 
-    lam [B, T, H, L] >= 0 with L >= fenwick_levels(T) (columns past those are unused).
-    Other shapes as in ``dla_ref.dla``. The per-level states obey the same
-    transition and readout as DLA's slots; only the partition differs.
+    lam >= 0 broadcasting to [B, T, H, L] with L >= fenwick_levels(T) (columns past
+    those are unused); None, or a last axis of 1, means L = fenwick_levels(T) equal
+    weights. Other arguments as in ``dla_ref.dla``; o has the inputs' result dtype.
+    The per-level states obey the same transition and readout as DLA's slots; only
+    the partition differs.
     """
-    opts = check_options(capacity=1, tau=0.0, backbone=backbone, score="token",
-                         normalize=True, slots="oldest-first", eps=1.0)
-    xp = array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, opts.backbone)
-    L = lam.shape[3]
-    if L < fenwick_levels(T):
-        raise ValueError(f"lam must have at least {fenwick_levels(T)} columns (levels) "
-                         f"for T={T}, got {L}")
-    ftype = compute_dtype(xp, dtype)
-    q, k, v, lam, alpha, beta = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
+    check_options(capacity=1, tau=0.0, backbone=backbone, score="token",
+                  normalize=True, slots="oldest-first", eps=1.0)
+    xp, (B, T, H, Dk, Dv), tokens = prepare_tokens(q, k, v, lam, log_alpha, beta, backbone,
+                                                   None, dtype)
+    N, levels = B * H, fenwick_levels(T)
+    lam_s = tokens.lam
+    if lam_s.shape[2] == 1:  # one weight for every level
+        lam_s = xp.broadcast_to(lam_s, (N, T, levels))
+    if lam_s.shape[2] < levels:
+        raise ValueError(f"lam must have at least {levels} columns (levels) for T={T}, "
+                         f"got {lam_s.shape[2]}")
+    o = level_scan(xp, tokens._replace(lam=lam_s), backbone, Dk, Dv)
+    out_dtype = xp.result_type(*(x for x in (q, k, v, lam) if x is not None))
+    return xp.astype(from_streams(xp, o, B, H), out_dtype)
 
-    N = q.shape[0]
-    S = xp.zeros((N, L, Dk, Dv), dtype=ftype, device=device(q))
+
+def level_scan(xp, tokens, backbone, Dk, Dv):
+    """The Fenwick recurrence over streams: tokens a ``Tokens`` record [N, T, ...],
+    lam [N, T, L].   -> o [N, T, Dv]"""
+    q, k, v, lam, alpha, beta = tokens
+    N, T, L = lam.shape
+    S = xp.zeros((N, L, Dk, Dv), dtype=q.dtype, device=device(q))
     lev = xp.reshape(xp.arange(L, device=device(q)), (1, L, 1, 1))
     outputs = []
     for t in range(T):
@@ -70,7 +81,7 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, dty
         s = contribution(xp, k[:, t, :], v[:, t, :], b, backbone)
         S = xp.where(lev == 0, xp.expand_dims(s, axis=1), S)
         outputs.append(readout(xp, q[:, t, :], S, lam[:, t, :]))
-    return from_streams(xp, xp.stack(outputs, axis=1), B, H)
+    return xp.stack(outputs, axis=1)
 
 
 def fenwick_mask(xp, lam):

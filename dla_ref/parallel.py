@@ -10,32 +10,34 @@ agreement between the two checks both.
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype, device
-from .recurrent import forced_decision, from_streams, tokens_to_streams, trace_to_streams
+from ._xp import array_namespace, device, to_namespace
+from .records import Partition, Result
+from .recurrent import forced_decision, from_streams, prepare_tokens, trace_to_streams
 from .step import merge_adjacent, slot_weights, write_token
-from .validation import check_inputs, check_options, check_trace_shape
+from .validation import check_options, check_trace_shape
 
 
-def materialized(q, k, v, lam, trace, *, backbone="linear", log_alpha=None, beta=None,
-                 capacity=30, slots="oldest-first", dtype=None):
+def materialized(q, k, v, lam=None, trace=None, *, backbone="linear", log_alpha=None,
+                 beta=None, capacity=30, slots="oldest-first", dtype=None):
     """DLA's outputs from a trace, by the O(T^2) form.   -> o [B, T, H, Dv]
 
-    Shapes as in ``dla_ref.dla``. The trace (from an empty cache) fixes the partition;
-    its scores are not used. A trace that does not fit the capacity raises ValueError.
+    Arguments as in ``dla_ref.dla`` (lam: None or any shape that broadcasts to
+    [B, T, H, K]). The trace (from an empty cache, of any namespace) fixes the
+    partition; its scores are not used. A trace that does not fit the capacity raises
+    ValueError. o has the result dtype of the inputs, as ``dla``'s.
     """
     check_options(capacity=capacity, tau=0.0, backbone=backbone, score="token",
                   normalize=True, slots=slots, eps=1.0)
-    xp = array_namespace(q, k, v, lam)
-    B, T, H, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone,
-                                 lam_columns=capacity)
+    xp, (B, T, H, _, _), tokens = prepare_tokens(q, k, v, lam, log_alpha, beta, backbone,
+                                                 capacity, dtype)
+    trace = to_namespace(xp, device(q), trace)
     check_trace_shape(xp, trace, B, T, H)
-    ftype = compute_dtype(xp, dtype)
-    q, k, v, lam, alpha, beta = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
-
     counts, m = partition_history(xp, *trace_to_streams(xp, trace), capacity)
-    weights = readout_mask(xp, counts, m, lam, slots)
-    o = masked_form(xp, q, k, v, weights, alpha, beta, backbone)
-    return from_streams(xp, o, B, H)
+    weights = readout_mask(xp, counts, m, tokens.lam, slots)
+    o = masked_form(xp, tokens.q, tokens.k, tokens.v, weights, tokens.alpha, tokens.beta,
+                    backbone)
+    out_dtype = xp.result_type(*(x for x in (q, k, v, lam) if x is not None))
+    return xp.astype(from_streams(xp, o, B, H), out_dtype)
 
 
 def partition_history(xp, boundary, merged, capacity, n=None, m=None):
@@ -45,7 +47,7 @@ def partition_history(xp, boundary, merged, capacity, n=None, m=None):
     cache (empty if None). counts[:, t, i] = n_i after token t. It uses the same merge
     and write functions as the recurrent step, on the token counts instead of the
     states, so the start token of slot i at time t is sum_{l < i} counts[:, t, l]
-    (from an empty cache). A trace that does not fit the capacity raises ValueError,
+    (``block_starts``). A trace that does not fit the capacity raises ValueError,
     so backends call this to check a forced trace before running it.
     """
     N, T = boundary.shape
@@ -66,22 +68,40 @@ def partition_history(xp, boundary, merged, capacity, n=None, m=None):
     return xp.stack(counts, axis=1), xp.stack(used, axis=1)
 
 
+def block_starts(xp, counts, m):
+    """The first token of each used slot: sum_{l < i} n_l, -1 for unused slots.
+
+    counts [..., K] int (n_i), m [...] int (slots in use) -> [..., K] int. Positions
+    count from the stream's first token, including those of an initial cache.
+    """
+    starts = xp.cumulative_sum(counts, axis=-1) - counts
+    slot = xp.arange(counts.shape[-1], dtype=m.dtype, device=device(m))
+    return xp.where(slot < m[..., None], starts, xp.full_like(starts, -1))
+
+
+def slot_of(xp, starts, positions):
+    """The slot holding each token position: used slots starting at or before it, minus 1.
+
+    starts [..., K] (``block_starts``, -1 unused), positions [..., P] (broadcasting
+    against starts' leading axes) -> [..., P] int.
+    """
+    s = xp.astype(positions, starts.dtype)[..., :, None]
+    begun = (starts[..., None, :] <= s) & (starts[..., None, :] >= 0)
+    return xp.sum(xp.astype(begun, starts.dtype), axis=-1) - 1
+
+
 def readout_mask(xp, counts, m, lam, slots):
     """Lambda[t, s] = w_t[slot holding s at time t] for s <= t, else 0.   [N, T, T]
 
-    counts [N, T, K], m [N, T], lam [N, T, K]. The slot of token s at time t is the
-    number of used slots whose start token is <= s, minus one.
+    counts [N, T, K], m [N, T], lam [N, T, K] (``partition_history``).
     """
     N, T, K = counts.shape
-    starts = xp.cumulative_sum(counts, axis=2) - counts  # [N, T, K]
     s = xp.arange(T, dtype=xp.int64, device=device(counts))
     slot = xp.arange(K, dtype=xp.int64, device=device(counts))
-    used = slot[None, None, :] < m[:, :, None]  # [N, T, K]
-    begun = (starts[:, :, None, :] <= s[None, None, :, None]) & used[:, :, None, :]
-    slot_of = xp.sum(xp.astype(begun, xp.int64), axis=3) - 1  # [N, T(t), T(s)]
+    holder = slot_of(xp, block_starts(xp, counts, m), s)  # [N, T(t), T(s)]
 
     w = xp.stack([slot_weights(xp, lam[:, t, :], m[:, t], slots) for t in range(T)], axis=1)
-    onehot = xp.astype(slot_of[..., None] == slot[None, None, None, :], w.dtype)
+    onehot = xp.astype(holder[..., None] == slot[None, None, None, :], w.dtype)
     Lam = xp.sum(onehot * w[:, :, None, :], axis=3)
     causal = s[:, None] >= s[None, :]
     return xp.where(causal[None, :, :], Lam, xp.zeros_like(Lam))
@@ -146,6 +166,25 @@ def slot_starts(trace, capacity):
     B, T, H = trace.boundary.shape
     check_trace_shape(xp, trace, B, T, H)
     counts, m = partition_history(xp, *trace_to_streams(xp, trace), capacity)
-    starts = xp.cumulative_sum(counts, axis=2) - counts
-    used = xp.arange(capacity, device=device(m))[None, None, :] < m[:, :, None]
-    return from_streams(xp, xp.where(used, starts, xp.full_like(starts, -1)), B, H)
+    return from_streams(xp, block_starts(xp, counts, m), B, H)
+
+
+def partition(result) -> Partition:
+    """The final partition of every stream of a run, in the result's namespace.
+
+    result: a ``Result`` of any backend. Returns Partition(starts [B, H, K] int64,
+    the first token of each block (slot) at the end, -1 for unused slots; slot
+    [B, T, H] int64, the block that holds each token of the run at the end). Token
+    positions count from the stream's start: with an initial cache of P tokens, the
+    run's token t is position P + t. Read from the final cache: sum_{l < i} n_l.
+    """
+    if not isinstance(result, Result):
+        raise TypeError(f"result must be a dla_ref.Result, got {type(result).__name__}")
+    xp = array_namespace(result.cache.n)
+    n, m = xp.astype(result.cache.n, xp.int64), xp.astype(result.cache.m, xp.int64)
+    T = result.trace.boundary.shape[1]
+    starts = block_starts(xp, n, m)  # [B, H, K]
+    first = xp.sum(n, axis=-1) - T  # [B, H]: position of the run's token 0
+    positions = first[..., None] + xp.arange(T, dtype=xp.int64, device=device(n))
+    slot = slot_of(xp, starts, positions)  # [B, H, T]
+    return Partition(starts, xp.permute_dims(slot, (0, 2, 1)))

@@ -66,11 +66,28 @@ class Tokens(NamedTuple):
 
 
 class Result(NamedTuple):
-    """Outputs ``o`` [B, T, H, Dv], the final ``cache`` and the ``trace``."""
+    """Outputs ``o`` [B, T, H, Dv], the final ``cache``, the ``trace`` and the ``backend``
+    that produced them (a registry name; "reference" for dla_ref).
+
+    Dtypes, one rule for every backend: o has the result dtype of the inputs (q, k, v,
+    lam); cache.S, cache.info and trace.scores the computing (state) dtype.
+    """
 
     o: Any
     cache: Cache
     trace: Trace
+    backend: str = "reference"
+
+
+class Partition(NamedTuple):
+    """The final partition of each stream (``dla_ref.partition``).
+
+    starts [B, H, K] int  first token of each block (slot) at the end, -1 if unused
+    slot   [B, T, H] int  the block that holds each token of the run at the end
+    """
+
+    starts: Any
+    slot: Any
 
 
 @dataclass(frozen=True)

@@ -9,26 +9,34 @@ transition and readout and differ only in the partition policy. Underneath: ``pr
 
 from __future__ import annotations
 
-from ._xp import array_namespace, compute_dtype, device
+from ._xp import compute_dtype, device, to_namespace
 from .records import Cache, Result, Tokens, Trace
 from .step import decision_is_free, dla_decision, fixed_decision, step
-from .validation import check_cache, check_inputs, check_options, check_trace_shape
+from .validation import (broadcast_lam, check_cache, check_inputs, check_int, check_options,
+                         check_trace_shape, inputs_namespace)
 
 
-def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
+def dla(q, k, v, lam=None, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
         capacity=30, score="token", normalize=True, slots="oldest-first", eps=1e-6,
         trace=None, initial_cache=None, dtype=None) -> Result:
     """Dynamic Linear Attention, recurrent form (docs/spec/boundaries.md).
 
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam [B, T, H, K] >= 0 (K = capacity);
-    log_alpha [B, T, H] <= 0 (mamba2, gdn); beta [B, T, H] in [0, 1] (gdn).
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; lam >= 0 of any shape that broadcasts to
+    [B, T, H, K] (K = capacity; [H, K] per-head constants, [B, T, H, 1], ...), or None
+    for all ones; log_alpha [B, T, H] <= 0 (mamba2, gdn); beta [B, T, H] in [0, 1]
+    (gdn, whose keys should have unit norm: docs/spec/backbones.md).
     trace: a ``Trace`` to replay instead of deciding (its scores are ignored and
         recomputed); every decision must fit the cache, else ValueError.
     initial_cache: a ``Cache`` to continue from (as returned by an earlier call), so
         that dla(x[:t]) followed by dla(x[t:], initial_cache=...) equals dla(x).
-    dtype: the computing dtype, float64 by default (the oracle).
+        A trace or cache of another namespace (torch, NumPy, ...) is converted.
+    dtype: the computing (state) dtype, float64 by default (the oracle).
+    Scalars may be Python or NumPy numbers. B = 0 or H = 0 give empty results.
 
-    Returns Result(o [B, T, H, Dv], cache, trace).
+    Returns Result(o [B, T, H, Dv], cache, trace, backend="reference"). Dtypes, the
+    rule for every backend (docs/spec/readout.md): o has the result dtype of the
+    inputs (result_type of q, k, v and lam); cache.S, cache.info and trace.scores are
+    in the computing dtype; n, m and merged are int64, boundary bool.
     """
     opts = check_options(capacity=capacity, tau=tau, backbone=backbone, score=score,
                          normalize=normalize, slots=slots, eps=eps)
@@ -36,17 +44,17 @@ def dla(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None, tau=0.6,
                       policy=lambda xp: dla_decision(xp, opts))
 
 
-def fixed(q, k, v, lam, *, chunk, backbone="linear", log_alpha=None, beta=None,
+def fixed(q, k, v, lam=None, *, chunk, backbone="linear", log_alpha=None, beta=None,
           capacity=30, normalize=True, score="token", slots="oldest-first", eps=1e-6,
           initial_cache=None, dtype=None) -> Result:
     """The fixed(C) baseline: a new slot every ``chunk`` tokens, same density merge.
 
     Token t opens a slot iff the cache is empty or the tokens summarised so far
     (sum_i n_i, which counts the tokens of an initial cache too) are a multiple of
-    C. Scores are still computed, since the merge density uses them.
+    C (``fixed_decision``). Scores are still computed, since the merge density uses
+    them. Arguments and result as in ``dla``.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    chunk = check_int("chunk", chunk, 1)
     opts = check_options(capacity=capacity, tau=float("inf"), backbone=backbone,
                          score=score, normalize=normalize, slots=slots, eps=eps)
     return run_policy(q, k, v, lam, log_alpha, beta, opts, None, initial_cache, dtype,
@@ -55,9 +63,7 @@ def fixed(q, k, v, lam, *, chunk, backbone="linear", log_alpha=None, beta=None,
 
 def single(q, k, v, *, backbone="linear", log_alpha=None, beta=None, dtype=None) -> Result:
     """The single-state backbone, S_t = G_t S_{t-1} + s_t, o_t = q_t^T S_t (K = 1, lambda = 1)."""
-    xp = array_namespace(q)
-    lam = xp.ones(tuple(q.shape[:3]) + (1,), dtype=q.dtype, device=device(q))
-    return dla(q, k, v, lam, backbone=backbone, log_alpha=log_alpha, beta=beta,
+    return dla(q, k, v, None, backbone=backbone, log_alpha=log_alpha, beta=beta,
                capacity=1, dtype=dtype)
 
 
@@ -71,10 +77,11 @@ def run_policy(q, k, v, lam, log_alpha, beta, opts, trace, initial_cache, dtype,
     if trace is None:
         decide_at = lambda t: policy(xp)  # noqa: E731 -- the same rule at every t
     else:
-        decide_at = replay(xp, trace, B, T, H, opts)
+        decide_at = replay(xp, to_namespace(xp, device(q), trace), B, T, H, opts)
     cache, o, scan_trace = scan(xp, tokens, cache, opts, decide_at)
+    out_dtype = xp.result_type(*(x for x in (q, k, v, lam) if x is not None))
     return Result(
-        o=from_streams(xp, o, B, H),
+        o=xp.astype(from_streams(xp, o, B, H), out_dtype),
         cache=cache_from_streams(xp, cache, B, H),
         trace=Trace(*(from_streams(xp, x, B, H) for x in scan_trace)),
     )
@@ -84,20 +91,36 @@ def prepare(q, k, v, lam, log_alpha, beta, opts, initial_cache, dtype):
     """Validate the inputs and lay them out for ``scan``.
 
     Returns (xp, (B, T, H), tokens, cache): tokens a ``Tokens`` record of [N, T, ...]
-    arrays of the computing dtype (alpha = exp(log_alpha); None where the backbone has
-    no such input), cache = (S, n, info, m) over N streams.
+    arrays of the computing dtype (``prepare_tokens``), cache = (S, n, info, m) over
+    N streams: empty, or ``initial_cache`` (of any namespace) checked and converted.
     """
-    xp = array_namespace(q, k, v, lam)
-    B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, opts.backbone,
-                                   lam_columns=opts.capacity)
-    ftype = compute_dtype(xp, dtype)
+    xp, (B, T, H, Dk, Dv), tokens = prepare_tokens(q, k, v, lam, log_alpha, beta,
+                                                   opts.backbone, opts.capacity, dtype)
+    ftype = tokens.q.dtype
     if initial_cache is None:
         cache = empty_cache(xp, B * H, opts.capacity, Dk, Dv, ftype, device(q))
     else:
+        initial_cache = to_namespace(xp, device(q), initial_cache)
         check_cache(xp, initial_cache, B, H, opts.capacity, Dk, Dv)
         cache = cache_to_streams(xp, initial_cache, ftype)
-    tokens = tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta)
     return xp, (B, T, H), tokens, cache
+
+
+def prepare_tokens(q, k, v, lam, log_alpha, beta, backbone, columns, dtype):
+    """Validate the token inputs and lay them out as streams (shared by every form).
+
+    lam: None (all ones) or any shape that broadcasts to [B, T, H, columns]; columns
+    None keeps lam's own last axis (1 if lam is None). Returns (xp, (B, T, H, Dk, Dv),
+    tokens), tokens a ``Tokens`` record of [N, T, ...] arrays of the computing dtype.
+    """
+    xp = inputs_namespace(q=q, k=k, v=v, lam=lam, log_alpha=log_alpha, beta=beta)
+    dims = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone, lam_columns=columns)
+    B, T, H = dims[:3]
+    if columns is None:
+        columns = 1 if lam is None or lam.ndim == 0 else lam.shape[-1]
+    lam = broadcast_lam(xp, lam, (B, T, H, columns), q)
+    return xp, dims, tokens_to_streams(xp, compute_dtype(xp, dtype), q, k, v, lam,
+                                       log_alpha, beta)
 
 
 def tokens_to_streams(xp, ftype, q, k, v, lam, log_alpha, beta):
@@ -118,7 +141,10 @@ def trace_to_streams(xp, trace):
 
 
 def replay(xp, trace, B, T, H, opts):
-    """decide_at(t) for a forced trace: its decisions at token t, checked to fit."""
+    """decide_at(t) for a forced trace: its decisions at token t, checked to fit.
+
+    trace: a ``Trace`` of namespace ``xp`` (convert others with ``to_namespace``).
+    """
     check_trace_shape(xp, trace, B, T, H)
     forced_b, forced_j = trace_to_streams(xp, trace)
     return lambda t: forced_decision(xp, forced_b[:, t], forced_j[:, t], t, opts)
@@ -154,7 +180,7 @@ def forced_decision(xp, boundary, merged, t, opts):
     """
     K = opts.capacity
 
-    def decide(score, m, n, info):
+    def decide(score, m, n, info, *facts):  # the per-stream facts are not read
         must_merge = boundary & (m == K) & decision_is_free(m, K)
         problems = (
             (m == 0) & ~boundary,

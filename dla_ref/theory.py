@@ -9,7 +9,8 @@ tokens), block representatives u_bar_i = the block means, and weights |w_t| <= 1
     |y - y~|  <= ||q||_2 * sum_i sqrt(|C_i|) * sqrt(sum_{t in C_i} ||u_t - u_bar_i||^2)
 
 ``deviation`` is the left side (worst case over the weights when none are given:
-w_t = sign <q, u_t - u_bar>), ``deviation_bound`` the right side.
+w_t = sign <q, u_t - u_bar>), ``deviation_bound`` the right side. The derivation and its
+checks: proofs/theorem_3_1.md, linked from docs/index.md's "Theory".
 """
 
 from __future__ import annotations

@@ -48,7 +48,9 @@ def dla_inputs(draw, backbones=dla_ref.BACKBONES, max_T=8, max_capacity=4):
     if backbone != "linear":
         decay = draw(st.sampled_from([1e-3, 1.0, 20.0]))  # alpha ~ 1, moderate, ~ 0
         case["log_alpha"] = -decay * rng.random((B, T, H))
-    if backbone == "gdn":
+    if backbone == "gdn":  # keys of norm <= 1, as gdn assumes (docs/spec/backbones.md)
+        norm = np.linalg.norm(case["k"], axis=-1, keepdims=True)
+        case["k"] = case["k"] / np.maximum(norm, 1.0)
         case["beta"] = rng.random((B, T, H))
     return case
 

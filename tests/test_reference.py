@@ -1,4 +1,4 @@
-"""Behaviour of the reference (dla_ref) against SPEC.md: identities, edge rules, splitting.
+"""Behaviour of the reference (dla_ref) against docs/spec/: identities, edge rules, splitting.
 
 Each test states the property it checks; expected values come from an independent form
 (the materialized O(T^2) form, the single-state backbone, the Fenwick mask) or from the
@@ -31,7 +31,8 @@ def make_inputs(seed, B=1, T=12, H=2, Dk=3, Dv=4, K=4, backbone="linear", decay=
     gates = {}
     if backbone != "linear":
         gates["log_alpha"] = -decay * rng.random((B, T, H))
-    if backbone == "gdn":
+    if backbone == "gdn":  # gdn's keys have unit norm (docs/spec/backbones.md)
+        x["k"] = x["k"] / np.linalg.norm(x["k"], axis=-1, keepdims=True)
         gates["beta"] = rng.random((B, T, H))
     return x, dict(backbone=backbone, **gates)
 
@@ -58,7 +59,7 @@ def parallel_options(opts):
     return {k: opts[k] for k in ("backbone", "log_alpha", "beta", "capacity", "slots") if k in opts}
 
 
-# --- two forms that must agree (SPEC §5) --------------------------------------
+# --- two forms that must agree (docs/spec/materialized.md) ------------------------------
 
 
 @settings(max_examples=60)
@@ -70,7 +71,7 @@ def test_recurrent_equals_materialized(case):
     np.testing.assert_allclose(run.o, o, rtol=1e-9, atol=1e-9)
 
 
-# --- conservation (SPEC §2) -----------------------------------------------------
+# --- conservation (docs/spec/backbones.md) ----------------------------------------------
 
 
 @settings(max_examples=30)
@@ -110,7 +111,7 @@ def test_all_lambdas_one_gives_the_plain_backbone(backbone):
     np.testing.assert_allclose(run.o, single.o, rtol=1e-9, atol=1e-9)
 
 
-# --- tau and capacity edge rules (SPEC §3) -------------------------------------
+# --- tau and capacity edge rules (docs/spec/boundaries.md) ------------------------------
 
 
 def test_tau_plus_infinity_keeps_one_state():
@@ -165,7 +166,7 @@ def test_score_at_tau_is_a_boundary():
     assert run.trace.scores[0, t, 0] == tau
 
 
-# --- merging (SPEC §3.5a) -------------------------------------------------------
+# --- merging (docs/spec/merging.md) -----------------------------------------------------
 
 
 def test_exact_density_ties_merge_the_oldest_pair():
@@ -203,7 +204,7 @@ def test_merge_and_transition_commute(backbone):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-# --- readout slot orders (SPEC §3.6) ----------------------------------------------
+# --- readout slot orders (docs/spec/readout.md) -----------------------------------------
 
 
 def test_newest_first_reverses_the_used_slots_only():
@@ -214,7 +215,7 @@ def test_newest_first_reverses_the_used_slots_only():
     assert w.tolist() == [[10.0, 20.0, 30.0, 0.0]]
 
 
-# --- the score (SPEC §3.2) ---------------------------------------------------------
+# --- the score (docs/spec/information-score.md) -----------------------------------------
 
 
 def test_score_is_the_spec_formula():
@@ -230,7 +231,7 @@ def test_score_is_the_spec_formula():
             np.testing.assert_allclose(got, [want], rtol=1e-12)
 
 
-# --- forced traces, splitting, admissibility (SPEC §4) ----------------------------
+# --- forced traces, splitting, admissibility (docs/spec/trace.md) -----------------------
 
 
 @settings(max_examples=30)
@@ -300,7 +301,7 @@ def test_a_wrong_merge_is_rejected():
     assert found is not None and (found.t, found.kind) == (t, "merge") and found.margin > 0
 
 
-# --- the Fenwick baseline (SPEC §6) --------------------------------------------------
+# --- the Fenwick baseline (docs/spec/baselines.md) --------------------------------------
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -332,7 +333,7 @@ def test_fenwick_levels_are_aligned_power_of_two_blocks():
         assert sizes == {b + 1: 2**b for b in range(t.bit_length()) if t >> b & 1}
 
 
-# --- the fixed baseline and the partition history -----------------------------------
+# --- the fixed baseline and the partition history ---------------------------------------
 
 
 def test_fixed_opens_a_slot_every_chunk_tokens_and_splits_cleanly():
@@ -355,7 +356,7 @@ def test_slot_starts_follow_boundaries_and_merges():
                                         [0, 2, 3], [0, 2, 4], [0, 4, 5]]
 
 
-# --- Theorem 3.1 -------------------------------------------------------------------------
+# --- Theorem 3.1 ------------------------------------------------------------------------
 
 
 def test_deviation_bound_holds_and_is_zero_for_constant_blocks():
@@ -366,3 +367,154 @@ def test_deviation_bound_holds_and_is_zero_for_constant_blocks():
     assert dla_ref.deviation(u, starts, q) <= dla_ref.deviation_bound(u, starts, q) + 1e-12
     const = np.repeat(rng.standard_normal((3, 5)), [4, 5, 3], axis=0)
     assert dla_ref.deviation_bound(const, starts) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- conveniences: lam broadcasting, the partition, dtypes, the backend's name ----------
+
+
+@st.composite
+def lam_shapes(draw, B, T, H, K):
+    """A shape that broadcasts to [B, T, H, K]: a suffix of it, each axis kept or set to 1."""
+    full = (B, T, H, K)
+    rank = draw(st.integers(0, 4))
+    return tuple(draw(st.sampled_from([n, 1])) for n in full[4 - rank:])
+
+
+@settings(max_examples=40)
+@given(cases(), st.data())
+def test_lam_of_any_broadcasting_shape_equals_the_full_array(case, data):
+    x, opts = case
+    B, T, H, K = x["lam"].shape
+    shape = data.draw(lam_shapes(B, T, H, K))
+    small = np.random.default_rng(sum(shape)).random(shape)
+    full = dict(x, lam=np.broadcast_to(small, (B, T, H, K)).copy())
+    want = dla_ref.dla(**full, **opts)
+    got = dla_ref.dla(**dict(x, lam=small), **opts)
+    np.testing.assert_array_equal(got.o, want.o)
+    np.testing.assert_array_equal(got.trace.boundary, want.trace.boundary)
+    o = dla_ref.materialized(**dict(x, lam=small), trace=want.trace, **parallel_options(opts))
+    np.testing.assert_allclose(o, want.o, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_omitted_lam_means_all_ones(backbone):
+    x, gates = make_inputs(20, T=9, K=3, backbone=backbone)
+    ones = dict(x, lam=np.ones_like(x["lam"]))
+    no_lam = {k: a for k, a in x.items() if k != "lam"}
+    for run in (dla_ref.dla, lambda **kw: dla_ref.fixed(**kw, chunk=2)):
+        np.testing.assert_array_equal(run(**no_lam, **gates, capacity=3).o,
+                                      run(**ones, **gates, capacity=3).o)
+    L = dla_ref.fenwick_levels(9)
+    levels = np.ones(x["lam"].shape[:3] + (L,))
+    np.testing.assert_array_equal(dla_ref.loglinear(**no_lam, **gates),
+                                  dla_ref.loglinear(**dict(x, lam=levels), **gates))
+    per_head = np.random.default_rng(0).random((x["q"].shape[2], L))  # [H, L] constants
+    np.testing.assert_array_equal(
+        dla_ref.loglinear(**dict(x, lam=per_head), **gates),
+        dla_ref.loglinear(**dict(x, lam=np.broadcast_to(per_head, levels.shape)), **gates))
+
+
+def blocks_by_hand(boundary, merged):
+    """The start tokens of the final blocks of one stream, replaying its trace on a list."""
+    starts = []
+    for t, (b, j) in enumerate(zip(boundary.tolist(), merged.tolist())):
+        if j >= 0:
+            del starts[j + 1]
+        if b:
+            starts.append(t)
+    return starts
+
+
+@settings(max_examples=40)
+@given(cases())
+def test_partition_gives_the_final_blocks_and_each_tokens_block(case):
+    x, opts = case
+    run = dla_ref.dla(**x, **opts)
+    part = dla_ref.partition(run)
+    B, T, H, K = x["lam"].shape
+    assert part.starts.shape == (B, H, K) and part.slot.shape == (B, T, H)
+    for b in range(B):
+        for h in range(H):
+            starts = blocks_by_hand(run.trace.boundary[b, :, h], run.trace.merged[b, :, h])
+            assert part.starts[b, h].tolist() == starts + [-1] * (K - len(starts))
+            want = [max(i for i, s in enumerate(starts) if s <= t) for t in range(T)]
+            assert part.slot[b, :, h].tolist() == want
+    np.testing.assert_array_equal(part.starts, dla_ref.slot_starts(run.trace, K)[:, -1])
+
+
+@settings(max_examples=20)
+@given(cases(), st.integers(1, 13))
+def test_partition_after_an_initial_cache_counts_from_the_streams_start(case, cut):
+    x, opts = case
+    T = x["q"].shape[1]
+    if T < 2:
+        return
+    cut = min(cut, T - 1)
+    part = lambda sl: {k: (a[:, sl] if isinstance(a, np.ndarray) else a)  # noqa: E731
+                       for k, a in {**x, **opts}.items()}
+    head = dla_ref.dla(**part(slice(0, cut)))
+    tail = dla_ref.dla(**part(slice(cut, T)), initial_cache=head.cache)
+    whole = dla_ref.partition(dla_ref.dla(**x, **opts))
+    np.testing.assert_array_equal(dla_ref.partition(tail).starts, whole.starts)
+    np.testing.assert_array_equal(dla_ref.partition(tail).slot, whole.slot[:, cut:])
+
+
+def test_partition_refuses_what_is_not_a_result():
+    with pytest.raises(TypeError, match="result must be a dla_ref.Result"):
+        dla_ref.partition((1, 2, 3))
+
+
+@pytest.mark.parametrize("dtypes, dtype, o_dtype, state_dtype", [
+    (("float32",) * 4, None, "float32", "float64"),
+    (("float32",) * 4, "float32", "float32", "float32"),
+    (("float32", "float32", "float32", "float64"), None, "float64", "float64"),
+    (("float64",) * 4, "float32", "float64", "float32"),
+])
+def test_o_has_the_inputs_dtype_and_the_state_the_computing_dtype(dtypes, dtype, o_dtype,
+                                                                  state_dtype):
+    x, gates = make_inputs(21, T=6, K=3, backbone="mamba2")
+    x = {name: a.astype(d) for (name, a), d in zip(x.items(), dtypes)}
+    run = dla_ref.dla(**x, **gates, capacity=3, dtype=None if dtype is None else np.dtype(dtype))
+    assert run.o.dtype == o_dtype
+    assert run.cache.S.dtype == run.cache.info.dtype == run.trace.scores.dtype == state_dtype
+    assert run.cache.n.dtype == run.cache.m.dtype == run.trace.merged.dtype == np.int64
+    assert dla_ref.materialized(**x, **gates, capacity=3, trace=run.trace).dtype == o_dtype
+    levels = dict(x, lam=x["lam"][..., :1])
+    assert dla_ref.loglinear(**levels, **gates).dtype == o_dtype
+
+
+def test_a_result_names_the_backend_that_made_it():
+    x, gates = make_inputs(22, T=4, K=2)
+    run = dla_ref.dla(**x, **gates, capacity=2)
+    assert run.backend == "reference" and run._fields[-1] == "backend"
+    o, cache, trace, backend = run
+    assert dla_ref.Result(o, cache, trace).backend == "reference"
+
+
+def test_numpy_scalars_count_as_python_numbers():
+    x, gates = make_inputs(23, T=10, K=3, backbone="mamba2")
+    want = dla_ref.dla(**x, **gates, capacity=3, tau=0.6, eps=1e-6)
+    got = dla_ref.dla(**x, **gates, capacity=np.int64(3), tau=np.float32(0.6),
+                      eps=np.float64(1e-6))
+    np.testing.assert_array_equal(got.o, want.o)
+    fixed = dla_ref.fixed(**x, **gates, capacity=np.int32(3), chunk=np.int64(2))
+    np.testing.assert_array_equal(fixed.o, dla_ref.fixed(**x, **gates, capacity=3, chunk=2).o)
+    assert dla_ref.check_trace(**x, **gates, capacity=np.int8(3), tau=np.float32(0.6),
+                               score_tol=np.float32(1e-6), trace=want.trace) is None
+
+
+@pytest.mark.parametrize("B, H", [(0, 2), (2, 0), (0, 0)])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_no_streams_give_empty_results_of_the_right_shapes(B, H, backbone):
+    T, Dk, Dv, K = 5, 3, 4, 3
+    x, gates = make_inputs(24, B=B, T=T, H=H, Dk=Dk, Dv=Dv, K=K, backbone=backbone)
+    run = dla_ref.dla(**x, **gates, capacity=K)
+    assert run.o.shape == (B, T, H, Dv)
+    assert [a.shape for a in run.cache] == [(B, H, K, Dk, Dv), (B, H, K), (B, H, K), (B, H)]
+    assert [a.shape for a in run.trace] == [(B, T, H)] * 3
+    assert dla_ref.fixed(**x, **gates, capacity=K, chunk=2).o.shape == (B, T, H, Dv)
+    assert dla_ref.single(x["q"], x["k"], x["v"], **gates).o.shape == (B, T, H, Dv)
+    assert dla_ref.materialized(**x, **gates, capacity=K, trace=run.trace).shape == (B, T, H, Dv)
+    assert dla_ref.loglinear(**dict(x, lam=None), **gates).shape == (B, T, H, Dv)
+    assert dla_ref.check_trace(**x, **gates, capacity=K, trace=run.trace) is None
+    assert dla_ref.partition(run).slot.shape == (B, T, H)
