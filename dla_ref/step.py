@@ -194,7 +194,8 @@ def score_error_bound(xp, ss, SS, sS, size, opts: Options, dtype):
     u = xp.finfo(dtype).eps / 2
     cuE = (4 + size**0.5) * u * (xp.abs(t1) + xp.abs(t2) + xp.abs(t3)) / (den * den)
     score = information_score_from_scalars(xp, ss, SS, sS, size, opts)
-    sharp = cuE / xp.where(score > 0, score, xp.full_like(score, float("inf")))
+    positive = xp.where(score > 0, score, xp.ones_like(score))
+    sharp = xp.where(score > 0, cuE / positive, xp.full_like(score, float("inf")))
     return xp.minimum(xp.sqrt(cuE), sharp), 4 * u
 
 
