@@ -313,7 +313,7 @@ def chunk_grams(k, v, L) -> ChunkGrams:
     silent = (k == 0).all(-1) | (v == 0).all(-1)  # on the inputs: ||k||^2 can underflow
     grams = ((k * k).sum(-1) * (v * v).sum(-1), start_decay * start_decay, prefix,
              prefix.diagonal(dim1=-2, dim2=-1), decay * decay, silent)
-    return ChunkGrams(*(x.cpu().numpy() for x in grams))
+    return ChunkGrams(*(to_host(x) for x in grams))
 
 
 def open_state_at_end(S0, open_first, k, v, L):
