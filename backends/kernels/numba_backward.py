@@ -20,11 +20,16 @@ from the reference, and why:
 - Only used slots are read or written: the reference's unused slots are zero and receive
   zero adjoint (dla_ref.adjoint.step_adjoint masks them); here they are never touched,
   so the recomputed caches hold stale values there, which nothing reads.
-- The merge's adjoint moves the slot adjoints right by one after j (a copy of up to
-  K Dk Dv numbers); the recompute writes each transitioned slot straight into its
+- The slot adjoints live in buffers named by ``order`` (as numba_scan keeps its states):
+  the merge's adjoint renames the later slots' buffers and copies one slot, instead of
+  moving up to K - 1. The recompute writes each transitioned slot straight into its
   merged position.
 
-Versions: v1 (this file, shipped and tested): a direct port of dla_ref.adjoint.
+Versions (the shipped one is the tested one):
+- v1 (commit 5f54d46): a direct port of dla_ref.adjoint, one sweep per adjoint.
+- v2 (commit 5f199b5): token t+1's transition adjoint and token t's readout adjoint in one
+  sweep per slot; the adjoint's reductions reassociated, so that they vectorize.
+- v3 (this file, shipped): slot adjoints in named buffers; a merge's adjoint copies one slot.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from dla_ref.validation import check_float_array
 from dla_ref.vjp import Gradients
 
 from .. import host
-from .numba_scan import BACKBONE_CODE, GDN, LINEAR, MAMBA2, copy_into, scan_stream
+from .numba_scan import (BACKBONE_CODE, GDN, LINEAR, MAMBA2, copy_into, put_in_slot_order,
+                         scan_stream)
 
 
 class Saved(NamedTuple):
@@ -198,6 +204,7 @@ def backward_stream(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, d
     states = np.empty((C + 1, K, Dk, Dv), dS.dtype)
     ms = np.empty(C + 1, np.int64)
     scratch = np.empty((3, max(Dk, Dv)), dS.dtype)
+    order = np.arange(K)  # slot i's adjoint is held by buffer order[i] of dS
     clear_slots(dS, final_m(ckm[last], boundary, merged, last * C, T), K)
     for c in range(last, -1, -1):
         t0, t1 = c * C, min(c * C + C, T)
@@ -206,21 +213,22 @@ def backward_stream(q, k, v, lam, alpha, beta, boundary, merged, ckS, ckm, do, d
         for t in range(t1 - 1, t0 - 1, -1):
             u = min(t + 1, T - 1)  # the next token, whose transition's adjoint is pending
             pending = backbone if t + 1 < T else LINEAR  # none after the last token
-            da, db = read_transition_adjoint(states[t - t0 + 1], ms[t - t0 + 1], dS, True,
+            da, db = read_transition_adjoint(states[t - t0 + 1], ms[t - t0 + 1], dS, order, True,
                                              q[t], lam[t], do[t], newest_first, k[u],
                                              alpha[u], beta[u], pending, dq[t], dk[u],
                                              dlam[t], scratch)
             if t + 1 < T:
                 dlog_alpha[u] = alpha[u] * da
                 dbeta[u] += db
-            dbeta[t] = write_merge_adjoint(dS, ms[t - t0], ms[t - t0 + 1], k[t], v[t],
+            dbeta[t] = write_merge_adjoint(dS, order, ms[t - t0], ms[t - t0 + 1], k[t], v[t],
                                            beta[t], boundary[t], merged[t], backbone == GDN,
                                            dk[t], dv[t])
-    da, db = read_transition_adjoint(ckS[0], ckm[0], dS, False, q[0], lam[0], do[0],
+    da, db = read_transition_adjoint(ckS[0], ckm[0], dS, order, False, q[0], lam[0], do[0],
                                      newest_first, k[0], alpha[0], beta[0], backbone,
                                      scratch[0], dk[0], lam[0], scratch)
     dlog_alpha[0] = alpha[0] * da
     dbeta[0] += db
+    put_in_slot_order(dS, order)
 
 
 @njit(cache=True)
@@ -316,12 +324,13 @@ def delta_rule_into(Y, X, k, alpha, beta, add, kX):
 
 
 @njit(cache=True, fastmath=REASSOC)
-def read_transition_adjoint(S, m, dS, read, q, lam, do, newest_first, k1, alpha1, beta1,
-                            backbone1, dq, dk1, dlam, scratch):
+def read_transition_adjoint(S, m, dS, order, read, q, lam, do, newest_first, k1, alpha1,
+                            beta1, backbone1, dq, dk1, dlam, scratch):
     """The adjoint of token t+1's transition, then of token t's readout, slot by slot.
 
-    S, m: the cache after token t (= before token t+1); dS [K, Dk, Dv]: in, the adjoint
-    of the cache after token t+1's transition (slots >= m zero); out, that of the cache
+    S, m: the cache after token t (= before token t+1); dS [K, Dk, Dv] (slot i in buffer
+    order[i]): in, the adjoint of the cache after token t+1's transition (slots >= m
+    zero); out, that of the cache
     after token t's write, readout included. With ``read`` False only the transition's
     adjoint is taken (token 0's, on the initial cache). For slot i < m, with D = dS_i:
 
@@ -344,11 +353,11 @@ def read_transition_adjoint(S, m, dS, read, q, lam, do, newest_first, k1, alpha1
         col = m - 1 - i if newest_first else i
         w = lam[col] if read else 0.0
         if backbone1 == GDN:
-            gu = column_products(S[i], dS[i], k1, u, g)
+            gu = column_products(S[i], dS[order[i]], k1, u, g)
             dalpha -= beta1 * gu
             dbeta -= alpha1 * gu
-        inner, dw = slot_sweep(S[i], dS[i], q, do, w, k1, alpha1, beta1, u, g, backbone1,
-                               dq, dk1)
+        inner, dw = slot_sweep(S[i], dS[order[i]], q, do, w, k1, alpha1, beta1, u, g,
+                               backbone1, dq, dk1)
         dalpha += inner
         if read:
             dlam[col] = dw
@@ -409,7 +418,7 @@ def slot_sweep(X, D, q, do, w, k, alpha, beta, u, g, backbone, dq, dk):
 
 
 @njit(cache=True, fastmath=REASSOC)
-def write_merge_adjoint(dS, m0, m3, k, v, beta, boundary, merged, gdn, dk, dv):
+def write_merge_adjoint(dS, order, m0, m3, k, v, beta, boundary, merged, gdn, dk, dv):
     """The adjoints of token t's write, contribution and merge.   -> d beta (write)
 
     m0 / m3: slots in use before / after the token. ds = dS_target (target = m - 1 + b,
@@ -419,7 +428,7 @@ def write_merge_adjoint(dS, m0, m3, k, v, beta, boundary, merged, gdn, dk, dv):
     cleared. Returns k^T ds v (gdn; else 0).
     """
     m2 = m0 - (1 if merged >= 0 else 0)
-    ds = dS[m2 - 1 + (1 if boundary else 0)]
+    ds = dS[order[m2 - 1 + (1 if boundary else 0)]]
     Dk, Dv = ds.shape
     dv[:] = 0.0
     dbeta = 0.0
@@ -431,14 +440,22 @@ def write_merge_adjoint(dS, m0, m3, k, v, beta, boundary, merged, gdn, dk, dv):
         dk[a] = beta * acc
         dbeta += np.float64(k[a]) * np.float64(acc)
     if merged >= 0:
-        merge_adjoint(dS, merged, m0)
+        merge_adjoint(dS, order, merged, m0)
     for i in range(m0, m3):
-        dS[i] = 0.0
+        dS[order[i]] = 0.0
     return dbeta if gdn else 0.0
 
 
 @njit(cache=True)
-def merge_adjoint(dS, j, m0):
-    """dS_i <- dS_{i-1} for i = m0-1 ... j+2, then dS_{j+1} <- dS_j (a copy, not a split)."""
-    for i in range(m0 - 1, j, -1):
-        copy_into(dS[i], dS[i - 1])
+def merge_adjoint(dS, order, j, m0):
+    """dS_{j+1} <- a copy of dS_j, dS_i <- dS_{i-1} for i > j+1 (dla_ref.adjoint.merge_adjoint).
+
+    The cache is full (m0 = K). Slot i's adjoint is held by buffer order[i]: the later
+    slots move by renaming their buffers, and the buffer of slot K-1, whose adjoint the
+    merge drops, receives the copy. One slot is copied, not up to K - 1.
+    """
+    freed = order[m0 - 1]
+    for i in range(m0 - 1, j + 1, -1):
+        order[i] = order[i - 1]
+    order[j + 1] = freed
+    copy_into(dS[freed], dS[order[j]])
