@@ -134,3 +134,17 @@ def test_a_negative_overhead_is_within_noise_and_the_table_fits_100_columns():
     lines = text.splitlines()
     assert all(len(line) <= 100 for line in lines), text
     assert "within noise" in text and "FAILED" in text
+
+
+def test_training_row_checks_gradients_then_times_forward_and_backward(tmp_path):
+    out = tmp_path / "train.json"
+    command = [sys.executable, "-m", "dla_backends", "bench", "--quick", "--tokens", "16",
+               "--check-tokens", "8", "--budget", "5", "--backends", "torch-chunked",
+               "--device", "cpu", "--workloads", "train-mamba2", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["backend"] == "torch-chunked" and row["status"] == "ok", row
+    assert 0 <= row["check_budget_share"] <= 1  # check_grads against dla_ref.vjp ran first
+    assert row["tokens_per_s"] > 0 and row["train_over_forward"] > 0
+    assert "fwd+bwd tok/s" in done.stdout

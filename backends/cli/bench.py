@@ -41,6 +41,7 @@ class Workload:
     K: int
     backbone: str
     decode: bool = False
+    train: bool = False
 
 
 WORKLOADS = {
@@ -48,6 +49,7 @@ WORKLOADS = {
     "prefill-mamba2": Workload(2, 8, 4096, 64, 30, "mamba2"),
     "prefill-linear": Workload(2, 8, 4096, 64, 30, "linear"),
     "gdn": Workload(1, 4, 1024, 64, 30, "gdn"),
+    "train-mamba2": Workload(2, 8, 4096, 64, 30, "mamba2", train=True),
 }
 TAU = 0.6
 ESSENTIAL_CHUNK = 64
@@ -598,16 +600,20 @@ def bench_one(job: Job, args, matmul: float, cuda, say) -> dict:
     if target.skip:
         return {**row, "status": "skipped", "reason": target.skip}
     check_tokens = min(job.T, args.check_tokens)
-    if target.name != "reference":  # the reference is what the others are checked against
+    if target.name != "reference" or job.w.train:  # the reference is the others' yardstick
         say(f"checking on {check_tokens} tokens")
         try:
-            row["check_budget_share"] = check(job, check_tokens)
+            row["check_budget_share"] = (check_gradients if job.w.train else check)(
+                job, check_tokens)
         except NotImplementedError as exc:
             return {**row, "status": "n/a", "reason": str(exc)}
         except AssertionError as exc:
             return {**row, "status": "FAILED", "reason": str(exc).splitlines()[0]}
     timer = Timer(target, clock_for(target, cuda), job.T, check_tokens, args.budget, args.repeat)
     limit = args.reference_tokens if target.name == "reference" else None
+    if job.w.train:
+        say("timing forward + backward, then the forward alone")
+        return {**row, **time_training(job, timer, limit)}
     say("timing DLA")
     row.update(time_dla(job, timer, matmul, limit))
     say("timing the single-state backbone (K = 1)")
@@ -619,6 +625,69 @@ def bench_one(job: Job, args, matmul: float, cuda, say) -> dict:
         say("timing Log-Linear")
         row.update(time_loglinear(job, timer, row))
     return row
+
+
+# --- training: forward and backward through autograd -----------------------------------------
+
+
+def training_jobs(args, device, name: str, w: Workload):
+    """One job per backend whose registry record declares gradients, on torch tensors."""
+    from .. import implementations
+
+    T = args.tokens or (max(64, w.T // 16) if args.quick else w.T)
+    arrays = piecewise_inputs(w, T, args.seed)
+    for impl in implementations("dla").values():
+        if impl.gradients and "torch" in impl.namespaces \
+                and (not args.backends or impl.name in args.backends):
+            on = "cpu" if impl.name == "reference" else device
+            yield Job(Target(impl.name, "torch", on, why_not_torch(impl, on)), name, w, T, arrays)
+
+
+def why_not_torch(impl, device: str) -> str:
+    """why_not, with the reference (which always runs) held to the same checks."""
+    return "" if impl.name == "reference" else why_not(impl, device)
+
+
+def check_gradients(job: Job, check_tokens: int) -> float:
+    """Phase 1 (train): dla_backends.testing.gradients.check_grads on the first tokens.
+
+    The backward pass against ``dla_ref.vjp`` under the reference's trace; returns the
+    largest share of a tolerance budget used (AssertionError on a failure).
+    """
+    from ..testing import get_backend
+    from ..testing.gradients import check_grads
+
+    name = job.target.name if job.target.name != "reference" else "reference/torch"
+    candidate = get_backend(f"{name}@{job.target.device}:float32")
+    return check_grads(candidate, check_case_of(job, check_tokens))
+
+
+def training_steps(job: Job, backward: bool):
+    """(prepare, call): the forward alone (under no_grad), or forward and backward."""
+    import torch
+
+    fn = entry_point(job.target)
+    options = dict(backbone=job.w.backbone, tau=TAU, capacity=job.w.K)
+
+    def leaves(x):
+        return {k: v if v is None else v.detach().requires_grad_(backward) for k, v in x.items()}
+
+    def call(x):
+        if not backward:
+            with torch.no_grad():
+                return fn(**x, **options)
+        o = fn(**x, **options).o
+        o.backward(torch.ones_like(o))
+
+    return leaves, call
+
+
+def time_training(job: Job, timer: Timer, limit) -> dict:
+    """Phases 2 and 3 (train): forward + backward, then the forward alone, per token."""
+    both, timed = timer.measure(*training_steps(job, True), job.arrays, limit)
+    forward, _ = timer.measure(*training_steps(job, False), job.arrays, timed)
+    return dict(T_timed=timed, seconds_per_token=both, tokens_per_s=job.w.B / both,
+                forward_seconds_per_token=forward, train_over_forward=both / forward)
 
 
 # --- anchors on CUDA: flash-linear-attention's kernels at the same shapes -----------------
@@ -724,6 +793,9 @@ def jobs(args, device):
     chosen = targets(args.backends, device)
     for name in args.workloads or list(WORKLOADS):
         w = WORKLOADS[name]
+        if w.train:
+            yield from training_jobs(args, device, name, w)
+            continue
         T = args.tokens or (max(64, w.T // 16) if args.quick else w.T)
         arrays = piecewise_inputs(w, T, args.seed)
         prompt = decode_prompt(w, args.seed) if w.decode else None
@@ -847,6 +919,7 @@ WIDTH = 100
 PREFILL_COLUMNS = ("backend", "workload", "T", "tok/s", "x ref", "K30/K1", "DLA/LL", "matmul")
 DECODE_COLUMNS = ("backend", "T", "ms/token", "x ref", "K30/K1", "copy ms", "x copy",
                   "+merges")
+TRAIN_COLUMNS = ("backend", "workload", "T", "fwd+bwd tok/s", "x ref", "x forward")
 
 
 def overhead(x: float) -> str:
@@ -871,6 +944,18 @@ def decode_cells(r: dict) -> list[str]:
             figure(r, "K30_over_K1", ".3g"), figure(r, "copy_seconds", ".3g", 1e3),
             figure(r, "step_over_copy", ".3g"),
             overhead(r["merge_overhead"]) if "merge_overhead" in r else "-"]
+
+
+def train_cells(r: dict) -> list[str]:
+    return [f"{r['backend']}@{r['device']}", r["workload"], str(r.get("T_timed", "-")),
+            figure(r, "tokens_per_s", ".4g"), figure(r, "over_reference", ".3g"),
+            figure(r, "train_over_forward", ".3g")]
+
+
+def kind(row: dict) -> str:
+    """Which table a row belongs to: "prefill", "decode" or "train"."""
+    w = WORKLOADS[row["workload"]]
+    return "decode" if w.decode else "train" if w.train else "prefill"
 
 
 def note(r: dict) -> str:
@@ -903,9 +988,10 @@ def table(rows, report) -> str:
     out = [f"dla bench on {report['device']} ({report['machine']['cpu']}{gpu})"[:WIDTH],
            f"float32 inputs, tau = {TAU}; matmul {report['matmul_GFLOPs']:.1f} GFLOP/s; "
            f"timing: {report['timing']}"]
-    for decode, columns, cells in ((False, PREFILL_COLUMNS, prefill_cells),
-                                   (True, DECODE_COLUMNS, decode_cells)):
-        chosen = [r for r in rows if WORKLOADS[r["workload"]].decode == decode]
+    for group, columns, cells in (("prefill", PREFILL_COLUMNS, prefill_cells),
+                                  ("decode", DECODE_COLUMNS, decode_cells),
+                                  ("train", TRAIN_COLUMNS, train_cells)):
+        chosen = [r for r in rows if kind(r) == group]
         if chosen:
             out += [""] + render(columns + ("notes",),
                                  [cells(r) + [note(r)] for r in chosen])
