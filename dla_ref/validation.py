@@ -14,7 +14,7 @@ import math
 import numbers
 import warnings
 
-from ._xp import array_namespace, device, is_array, namespace_name
+from ._xp import array_namespace, device, is_array, namespace_name, to_host
 from .records import BACKBONES, SCORES, SLOT_ORDERS, Cache, Options, Trace
 
 # --- scalars ------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def warn_if_keys_expand(xp, k, beta):
     """
     if k.shape[0] * k.shape[1] * k.shape[2] == 0:
         return
-    worst = float(xp.max(beta * xp.sum(k * k, axis=-1)))
+    worst = float(to_host(xp.max(beta * xp.sum(k * k, axis=-1))))  # detached from autograd
     if worst > 2:
         warnings.warn(f"gdn expects unit-norm keys: max beta*||k||^2 = {worst:.3g} > 2, so "
                       "the transition I - beta k k^T has an eigenvalue 1 - beta*||k||^2 < -1 "
