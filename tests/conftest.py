@@ -32,11 +32,7 @@ from dla_backends import testing
 # without CUDA, the Triton kernels run in the interpreter.
 testing.interpret_triton_without_cuda()
 
-settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None,
-                          print_blob=True)
-settings.register_profile("dev", derandomize=False, max_examples=200, deadline=None,
-                          print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+testing.load_hypothesis_profile()
 
 # Every test backend that can run on a CPU, in registry order (testing.BACKENDS is derived
 # from the registry): reference, reference/array_api_strict, reference/torch, numba, ...

@@ -40,7 +40,7 @@ from .layers import (Margins, assert_matches_reference, check_apply, check_case,
                      run_candidate)
 from .gradients import (GradientContext, assert_grads_match_reference, check_grads,
                         gradient_backends, why_no_gradients)
-from .strategies import case_specs, cases, draw_spec, seeded_specs
+from .strategies import case_specs, cases, draw_spec, load_hypothesis_profile, seeded_specs
 from .tolerances import (SCORE_BOUNDS, TOLERANCES, Context, ScoreBound, Tolerance, assert_close,
                          tolerance)
 
@@ -59,7 +59,7 @@ __all__ = [
     "Margins", "assert_matches_reference", "check_apply", "check_case", "check_decide",
     "check_layout", "decision_margins", "decision_tolerance", "run_candidate",
     # strategies
-    "case_specs", "cases", "draw_spec", "seeded_specs",
+    "case_specs", "cases", "draw_spec", "load_hypothesis_profile", "seeded_specs",
     # gradients
     "GradientContext", "assert_grads_match_reference", "check_grads", "gradient_backends",
     "why_no_gradients",

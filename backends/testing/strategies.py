@@ -2,12 +2,14 @@
 
 ``draw_spec`` says what is drawn; ``case_specs`` / ``cases`` draw it with Hypothesis
 (imported only here, when called), ``seeded_specs`` with a seeded NumPy generator for
-``dla check``. See docs/testing-your-kernel.md.
+``dla check``; ``load_hypothesis_profile`` sets the suite's profiles. See
+docs/testing-your-kernel.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +56,27 @@ def draw_spec(pick: Callable[[str, tuple], Any], backbone: str | None = None) ->
         forced_trace=pick("forced_trace", (False, False, False, True)),
         noncontiguous=pick("noncontiguous", (False, True)),
     )
+
+
+# The suite's Hypothesis profiles: "ci" replays the same examples on every run, "dev"
+# draws fresh ones, ten times as many.
+PROFILES = {"ci": dict(derandomize=True, max_examples=20),
+            "dev": dict(derandomize=False, max_examples=200)}
+
+
+def load_hypothesis_profile() -> str:
+    """Register ``PROFILES`` and load the one HYPOTHESIS_PROFILE names ("ci" if unset).
+
+    Called by tests/conftest.py and proofs/conftest.py, so that either directory run
+    alone behaves as both run together. Returns the profile's name.
+    """
+    from hypothesis import settings
+
+    for name, options in PROFILES.items():
+        settings.register_profile(name, deadline=None, print_blob=True, **options)
+    name = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    settings.load_profile(name)
+    return name
 
 
 def case_specs(backbone: str | None = None):
