@@ -17,8 +17,8 @@ import numpy as np
 import dla_ref
 from dla_ref.records import Tokens
 from dla_ref.recurrent import prepare, replay
-from dla_ref.step import (contribution, open_state, score_error_bound, step, transition,
-                          zero_contribution)
+from dla_ref.step import (MAX_SCORE, contribution, open_state, score_error_bound, score_terms,
+                          step, transition, zero_contribution)
 from dla_ref.validation import check_options
 
 from .cases import Case
@@ -66,7 +66,20 @@ def scalar_score_bound(state_dtype: str, case: Case, trace: dla_ref.Trace,
     size = case.q.shape[3] * case.v.shape[3]
     absolute, relative = score_error_bound(np, ss, SS, sS, size, opts,
                                            SCALAR_DTYPES[state_dtype])
-    return np.where(scored > 0, absolute + relative * np.abs(scores), 0.0)
+    bound = absolute + relative * np.abs(scores)
+    if opts.normalize:
+        t1, t2, t3, den = score_terms(np, ss, SS, sS, size, opts)
+        bound = through_the_clamp(bound, np.sqrt(np.maximum(t1 + t2 + t3, 0)) / den)
+    return np.where(scored > 0, bound, 0.0)
+
+
+def through_the_clamp(bound: np.ndarray, unclamped: np.ndarray) -> np.ndarray:
+    """The bound of min(I, 2) given that of I: 0 where even I - bound >= 2 (both sides
+    are clamped to exactly 2), else at most 2 (both lie in [0, 2]). A score against a
+    vanished open state (of about ||R(s_t)|| / eps) has a huge bound before the clamp
+    and none after it."""
+    bound = np.minimum(bound, MAX_SCORE)
+    return np.where(unclamped - bound >= MAX_SCORE, 0.0, bound)
 
 
 def budgets(tol: Tolerance, state_dtype: str, case: Case, want: dla_ref.Result,
