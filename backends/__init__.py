@@ -26,6 +26,9 @@ import array_api_compat
 
 import dla_ref
 
+from dla_ref._xp import to_namespace
+from dla_ref.validation import inputs_namespace
+
 from . import host
 from .registry import (Implementation, get, implementations, package_available, prefer,
                        preferences, register)
@@ -244,36 +247,27 @@ def run(operation, arrays, records, options, dtype, backend):
 
 
 def check_arrays(arrays, records):
-    """The arrays and records in q's namespace and on q's device, or an error naming one.
+    """The arrays as given and the records in q's namespace and on q's device, or an error
+    naming an argument.
 
-    q, k, v and lam (when given) must be arrays of one namespace on one device: TypeError
-    naming a non-array or an array of another namespace (and both namespaces), ValueError
-    for another device; checked before anything asks array-api-compat for a namespace,
-    which fails without naming an argument. log_alpha, beta, a trace and an initial
-    cache of another namespace or device are converted (``host.adopt``, the one rule).
-    Returns (arrays, records).
+    dla_ref's one rule: q, k, v, lam, log_alpha and beta (when given) are arrays of one
+    namespace (TypeError naming a non-array, or an array of another namespace and both
+    namespaces; checked before anything asks array-api-compat for a namespace, which
+    fails without naming an argument) and, here, on one device (ValueError); a trace and
+    an initial cache of another namespace or device are converted. Returns (arrays,
+    records).
     """
-    for name, x in arrays.items():
-        if (x is not None or name in ("q", "k", "v")) \
-                and not array_api_compat.is_array_api_obj(x):
-            raise TypeError(f"{name} must be an array (NumPy, torch, CuPy or array API), "
-                            f"got {type(x).__name__}")
-    q = arrays["q"]
-    namespace, device, _ = describe(q)
-    for name in ("k", "v", "lam"):
+    for name in ("q", "k", "v"):  # the others may be None (not given)
         if arrays[name] is None:
-            continue
-        other, where, _ = describe(arrays[name])
-        if other != namespace:
-            raise TypeError(f"{name} is a {other} array but q is a {namespace} array: pass "
-                            "q, k, v and lam in one namespace")
-        if where != device:
-            raise ValueError(f"{name} is on {where} but q is on {device}: pass q, k, v and "
-                             "lam on one device")
-    xp, dev = array_api_compat.array_namespace(q), array_api_compat.device(q)
-    adopt = lambda x: host.adopt(xp, dev, x)  # noqa: E731
-    arrays = {**arrays, "log_alpha": adopt(arrays["log_alpha"]), "beta": adopt(arrays["beta"])}
-    return arrays, {name: adopt(record) for name, record in records.items()}
+            raise TypeError(f"{name} must be an array (NumPy, torch, CuPy or array API), "
+                            "got NoneType")
+    xp = inputs_namespace(**arrays)
+    dev = array_api_compat.device(arrays["q"])
+    for name, x in arrays.items():
+        if x is not None and array_api_compat.device(x) != dev:
+            raise ValueError(f"{name} is on {describe(x)[1]} but q is on "
+                             f"{describe(arrays['q'])[1]}: pass the inputs on one device")
+    return arrays, {name: to_namespace(xp, dev, record) for name, record in records.items()}
 
 
 def full_lam(xp, operation, arrays, options):

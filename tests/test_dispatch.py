@@ -278,8 +278,9 @@ def test_a_missing_token_array_is_a_type_error_naming_it(name):
         dla_backends.dla(**{**inputs(), name: None}, capacity=3, backbone="mamba2")
 
 
-@given(name=st.sampled_from(["k", "v", "lam"]), torch_side=st.sampled_from(["q", "other"]))
-def test_q_k_v_lam_of_two_namespaces_name_the_argument_and_both(name, torch_side):
+@given(name=st.sampled_from(["k", "v", "lam", "log_alpha"]),
+       torch_side=st.sampled_from(["q", "other"]))
+def test_token_inputs_of_two_namespaces_name_the_argument_and_both(name, torch_side):
     torch = pytest.importorskip("torch", reason="torch not installed")
     arrays = inputs()
     moved = [n for n in arrays if n != name] if torch_side == "q" else [name]
@@ -289,21 +290,16 @@ def test_q_k_v_lam_of_two_namespaces_name_the_argument_and_both(name, torch_side
         dla_backends.dla(**mixed, capacity=3, backbone="mamba2")
 
 
-@pytest.mark.parametrize("companion", ["log_alpha", "trace", "initial_cache"])
-def test_gates_traces_and_caches_of_another_namespace_are_converted(companion):
+@pytest.mark.parametrize("companion", ["trace", "initial_cache"])
+def test_traces_and_caches_of_another_namespace_are_converted(companion):
     torch = pytest.importorskip("torch", reason="torch not installed")
     arrays = inputs()
     first = dla_ref.dla(**arrays, capacity=3, backbone="mamba2")
-    extra = dict(trace=dict(trace=first.trace),
-                 initial_cache=dict(initial_cache=first.cache)).get(companion, {})
-    want = dla_backends.dla(**arrays, capacity=3, backbone="mamba2", **extra)
-    as_torch = lambda x: torch.from_numpy(np.asarray(x))  # noqa: E731
-    if companion == "log_alpha":
-        arrays = {n: x if n == "log_alpha" else as_torch(x) for n, x in arrays.items()}
-    else:
-        extra = {companion: type(extra[companion])(*map(as_torch, extra[companion]))}
-    got = dla_backends.dla(**arrays, capacity=3, backbone="mamba2", **extra)
-    assert np.allclose(testing.to_numpy(got.o), want.o, atol=1e-6)
+    record = first.trace if companion == "trace" else first.cache
+    want = dla_backends.dla(**arrays, capacity=3, backbone="mamba2", **{companion: record})
+    as_torch = type(record)(*(torch.from_numpy(np.asarray(x)) for x in record))
+    got = dla_backends.dla(**arrays, capacity=3, backbone="mamba2", **{companion: as_torch})
+    assert np.array_equal(got.o, want.o) and got.backend == want.backend
 
 
 # --- gradients: which implementations provide them, and routing requires-grad inputs ---------
