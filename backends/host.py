@@ -8,12 +8,12 @@ flash-linear-attention wraps one ``fused_recurrent`` per method:
 
     def launch(call: Call) -> Launched:        # the kernel, on streams [N, T, ...]
 
-``run`` = ``prepare`` (options with dla_ref.Options' defaults, dla_ref's own checks,
-arrays of another namespace converted, the batch as streams, the initial cache, a forced
-trace checked on the host, the state dtype by ``Implementation.state_dtype_for``), then
-``launch`` (skipped for an empty batch, B = 0 or H = 0), then ``finish`` (the
-``dla_ref.Result`` in the inputs' namespace and on their device). ``to_host`` is the one
-way to copy an array to NumPy. See docs/backends.md.
+``run`` = ``prepare`` (options with dla_ref.Options' defaults, dla_ref's own checks and
+namespace rule, the batch as streams, the initial cache, a forced trace checked on the
+host, the state dtype by ``Implementation.state_dtype_for``), then ``launch`` (skipped for
+an empty batch, B = 0 or H = 0), then ``finish`` (the ``dla_ref.Result`` in the inputs'
+namespace and on their device). ``to_host`` (dla_ref's) is the one way to copy an array
+to NumPy. See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from dataclasses import fields
 from typing import Any, NamedTuple
 
 import numpy as np
-from array_api_compat import array_namespace, device, to_device
+from array_api_compat import array_namespace, device
 
+from dla_ref._xp import is_array, namespace_name, to_host, to_namespace
 from dla_ref.parallel import partition_history
-from dla_ref.records import Cache, Options, Result, Trace
+from dla_ref.records import Options, Result, Trace
 from dla_ref.recurrent import (cache_from_streams, cache_to_streams, empty_cache, from_streams,
                                to_streams, tokens_to_streams, trace_to_streams)
-from dla_ref.validation import check_cache, check_inputs, check_options, check_trace_shape
+from dla_ref.validation import (broadcast_lam, check_cache, check_inputs, check_options,
+                                 check_trace_shape, inputs_namespace)
 
 from . import registry
 
@@ -37,6 +39,7 @@ __all__ = ["Call", "Forced", "Launched", "finish", "prepare", "run", "to_host"]
 DEFAULTS = Options()
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 ARRAY_KEYWORDS = ("log_alpha", "beta", "trace", "initial_cache")
+RECORDS = ("trace", "initial_cache")  # of any namespace: converted, as dla_ref does
 npx = array_namespace(np.zeros(0))  # NumPy as dla_ref's code takes it
 
 
@@ -100,7 +103,7 @@ class Launched(NamedTuple):
     trace: tuple
 
 
-def run(launch, q, k, v, lam, *, backend: str, state_dtype=None, **options) -> Result:
+def run(launch, q, k, v, lam=None, *, backend: str, state_dtype=None, **options) -> Result:
     """``dla_ref.dla``'s contract around ``launch(call) -> Launched``.
 
     backend: the registry name (it sets the namespaces, dtypes and state dtype);
@@ -115,20 +118,28 @@ def run(launch, q, k, v, lam, *, backend: str, state_dtype=None, **options) -> R
     return finish(call, launch(call))
 
 
-def prepare(q, k, v, lam, *, backend: str, state_dtype=None, **options) -> Call:
+def prepare(q, k, v, lam=None, *, backend: str, state_dtype=None, **options) -> Call:
     """Validate one call and lay it out for a kernel (see ``Call``).
 
-    Errors are dla_ref's own (ValueError / TypeError naming the argument), plus a
-    TypeError for an unknown keyword, for q of a namespace the backend does not take,
-    and for inputs of a dtype it does not take.
+    Errors are dla_ref's own (ValueError / TypeError naming the argument; token inputs of
+    two namespaces are a TypeError, a trace or cache of another namespace is converted),
+    plus a TypeError for an unknown keyword, for q of a namespace the backend does not
+    take and for inputs of a dtype it does not take, and NotImplementedError for a
+    backbone it does not compute.
     """
     impl = registry.get(backend)
     opts = options_record(options)
-    xp, dev = inputs_namespace(impl, q, k, v, lam)
-    log_alpha, beta, trace, initial_cache = (adopt(xp, dev, options.get(name))
-                                             for name in ARRAY_KEYWORDS)
+    log_alpha, beta = options.get("log_alpha"), options.get("beta")
+    for name, x in (("q", q), ("k", k), ("v", v)):  # the ones that may not be None
+        if not is_array(x):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    xp = inputs_namespace(q=q, k=k, v=v, lam=lam, log_alpha=log_alpha, beta=beta)
+    check_backend_takes(impl, q, opts.backbone)
+    dev = device(q)
+    trace, initial_cache = (to_namespace(xp, dev, options.get(name)) for name in RECORDS)
     B, T, H, Dk, Dv = check_inputs(xp, q, k, v, lam, log_alpha, beta, opts.backbone,
                                    lam_columns=opts.capacity)
+    lam = broadcast_lam(xp, lam, (B, T, H, opts.capacity), q)  # None: ones; [H, K], ...
     arrays = [x for x in (q, k, v, lam, log_alpha, beta) if x is not None]
     out_dtype, ftype = dtypes(xp, impl, arrays, options.get("dtype"), state_dtype)
     cache = initial_state(xp, dev, initial_cache, opts.capacity, (B, H, Dk, Dv), ftype)
@@ -154,12 +165,9 @@ def finish(call: Call, launched: Launched) -> Result:
     cache = (as_(S, call.state_dtype), as_(n, xp.int64), as_(info, call.state_dtype),
              as_(m, xp.int64))
     trace = (as_(scores, call.state_dtype), as_(boundary, xp.bool), as_(merged, xp.int64))
-    fields_ = dict(o=from_streams(xp, as_(launched.o, call.out_dtype), B, H),
-                   cache=cache_from_streams(xp, cache, B, H),
-                   trace=Trace(*(from_streams(xp, x, B, H) for x in trace)))
-    if "backend" in Result._fields:
-        fields_["backend"] = call.backend
-    return Result(**fields_)
+    return Result(o=from_streams(xp, as_(launched.o, call.out_dtype), B, H),
+                  cache=cache_from_streams(xp, cache, B, H),
+                  trace=Trace(*(from_streams(xp, x, B, H) for x in trace)), backend=call.backend)
 
 
 # --- the pieces of prepare ----------------------------------------------------------------
@@ -175,45 +183,20 @@ def options_record(options: dict) -> Options:
                             for name in OPTION_NAMES})
 
 
-def namespace_name(x) -> str:
-    """The array namespace of ``x`` as the registry names it ("numpy", "torch", ...)."""
-    return array_namespace(x).__name__.split(".")[-1]
+# The names the dispatch and the decoder use for dla_ref's one rule and helper.
+adopt = to_namespace
 
 
-def inputs_namespace(impl, q, k, v, lam):
-    """(xp, device) of the token inputs, which must be arrays of one namespace that
-    ``impl`` takes; TypeError naming the argument otherwise."""
-    for name, x in (("q", q), ("k", k), ("v", v), ("lam", lam)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+def check_backend_takes(impl, q, backbone):
+    """TypeError unless ``impl`` takes q's namespace; NotImplementedError unless it
+    computes ``backbone``."""
     ours = namespace_name(q)
     if ours not in impl.namespaces:
         raise TypeError(f"q must be a {' or '.join(impl.namespaces)} array for the "
                         f"{impl.name} backend, got a {ours} array ({type(q).__name__})")
-    for name, x in (("k", k), ("v", v), ("lam", lam)):
-        if namespace_name(x) != ours:
-            raise TypeError(f"{name} is a {namespace_name(x)} array but q is a {ours} array; "
-                            "pass q, k, v and lam in one namespace")
-    return array_namespace(q), device(q)
-
-
-def adopt(xp, dev, x):
-    """``x`` (an array, a Cache or a Trace) in namespace ``xp`` on device ``dev``.
-
-    The one rule for arrays that come with the inputs (log_alpha, beta, a trace, an
-    initial cache): those of another namespace are converted through the host, those on
-    another device are moved. Anything else is returned as it is, for dla_ref's checks
-    to name.
-    """
-    if isinstance(x, (Cache, Trace)):
-        return type(x)(*(adopt(xp, dev, y) for y in x))
-    try:
-        theirs = array_namespace(x)
-    except TypeError:
-        return x
-    if theirs is not xp:
-        return xp.asarray(to_host(x), device=dev)
-    return x if device(x) == dev else to_device(x, dev)
+    if backbone not in impl.backbones:
+        raise NotImplementedError(f"the {impl.name} backend computes backbone "
+                                  f"{' or '.join(map(repr, impl.backbones))}, not {backbone!r}")
 
 
 def dtypes(xp, impl, arrays, requested=None, override=None):
@@ -282,22 +265,9 @@ def recording(arrays) -> bool:
 # --- moving arrays -----------------------------------------------------------------------
 
 
-def to_host(x):
-    """A NumPy array of ``x``'s values (torch: detached, bfloat16 as float32; CuPy: copied
-    from the device); NumPy arrays and None as they are."""
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # torch
-        x = x.detach().cpu()
-        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
-    if hasattr(x, "get"):  # cupy
-        return x.get()
-    return np.asarray(x)
-
-
 def conform(xp, dev, x, dtype):
     """``x`` as an array of ``xp`` on ``dev`` with ``dtype`` (no copy if it already is)."""
-    x = adopt(xp, dev, x)
+    x = to_namespace(xp, dev, x)
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 

@@ -1,12 +1,13 @@
 """The host-side contract every kernel goes through (``dla_backends.host``), per kernel.
 
-Each native implementation of the registry is called directly (not through dispatch):
-an empty batch (B = 0 or H = 0) gives the reference's shapes, an empty head (Dk or
-Dv = 0) the reference's error; arrays of another namespace passed as log_alpha, beta,
-trace or initial_cache are converted (one rule for every backend) and give exactly what
-native arrays give; the token inputs of two namespaces, a q the backend does not take,
-a non-array and an unknown keyword are TypeErrors naming the argument. The expected side
-is dla_ref (shapes, messages) or the same backend on native arrays (values).
+Each kernel of the registry is called directly (not through dispatch): an empty batch
+(B = 0 or H = 0) gives the reference's shapes, an empty head (Dk or Dv = 0) the
+reference's error. Namespaces follow dla_ref's one rule on every backend: a trace or an
+initial cache of another namespace is converted and gives exactly what native arrays
+give; token inputs (k, log_alpha, ...) of another namespace than q raise the reference's
+TypeError, which names both. A q the backend does not take, a non-array and an unknown
+keyword are TypeErrors naming the argument. The expected side is dla_ref (shapes,
+messages) or the same backend on native arrays (values).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def other_namespace(namespace):
 
 
 @pytest.mark.parametrize("name", NATIVE)
-def test_foreign_arrays_are_converted(name):
-    """log_alpha, beta, an initial cache and a forced trace of another namespace give
-    exactly what the same arrays in the backend's namespace give."""
+def test_foreign_records_are_converted(name):
+    """An initial cache and a forced trace of another namespace give exactly what the
+    same arrays in the backend's namespace give."""
     impl, namespace = runnable(name)
     dla = impl.load()
     backbone = backbone_of(name)
@@ -122,14 +123,26 @@ def test_foreign_arrays_are_converted(name):
     trace = dla(**tail, **options, initial_cache=cache).trace
     want = dla(**tail, **options, initial_cache=cache, trace=trace)
 
-    elsewhere = native(dict(log_alpha=tail["log_alpha"], beta=tail["beta"],
-                            initial_cache=cache, trace=trace), other_namespace(namespace),
+    elsewhere = native(dict(initial_cache=cache, trace=trace), other_namespace(namespace),
                        dtype=str(host.to_host(cache.S).dtype))
-    got = dla(q=tail["q"], k=tail["k"], v=tail["v"], lam=tail["lam"], **options,
-              **elsewhere)
+    got = dla(**tail, **options, **elsewhere)
     for (field, g), (_, w) in zip(leaves(got), leaves(want)):
         assert host.namespace_name(g) == namespace, field
         np.testing.assert_array_equal(host.to_host(g), host.to_host(w), err_msg=field)
+
+
+@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("argument", ["k", "lam", "log_alpha"])
+def test_token_inputs_of_another_namespace_raise_the_references_error(name, argument):
+    impl, namespace = runnable(name)
+    x = inputs(1, 2, 1, 2, 2, 2, "mamba2")
+    mixed = {**native(x, namespace), argument: native(x, other_namespace(namespace))[argument]}
+    with pytest.raises(TypeError) as want:
+        dla_ref.dla(**mixed, backbone="mamba2", capacity=2)
+    with pytest.raises(TypeError) as got:
+        impl.load()(**mixed, backbone="mamba2", capacity=2)
+    assert str(got.value) == str(want.value)
+    assert argument in str(got.value) and other_namespace(namespace) in str(got.value)
 
 
 @pytest.mark.parametrize("name", NATIVE)
@@ -137,15 +150,10 @@ def test_bad_arguments_are_type_errors_that_name_them(name):
     impl, namespace = runnable(name)
     dla = impl.load()
     x = native(inputs(1, 2, 1, 2, 2, 2, "linear"), namespace)
-    elsewhere = native({"k": x["k"]}, other_namespace(namespace))["k"]
-    with pytest.raises(TypeError, match=f"k is a {other_namespace(namespace)} array but q "
-                                        f"is a {namespace} array"):
-        dla(**{**x, "k": elsewhere}, capacity=2)
     with pytest.raises(TypeError, match="q must be an array, got NoneType"):
         dla(**{**x, "q": None}, capacity=2)
     with pytest.raises(TypeError, match="unexpected keyword argument.*'capacty'"):
         dla(**x, capacty=2)
-    other = native({"q": x["q"]}, other_namespace(namespace))["q"]
     if other_namespace(namespace) not in impl.namespaces:
         with pytest.raises(TypeError, match=f"q must be a .*array for the {name} backend"):
-            dla(**{**x, "q": other}, capacity=2)
+            dla(**native(x, other_namespace(namespace)), capacity=2)

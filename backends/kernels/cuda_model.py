@@ -29,7 +29,7 @@ BLOCK = 1024  # threads per block; dla_scan.cu is compiled with -DDLA_BLOCK=BLOC
 __all__ = ["BLOCK", "decode_step", "dla", "launch", "one_token"]
 
 
-def dla(q, k, v, lam, **options):
+def dla(q, k, v, lam=None, **options):
     """``dla_ref.dla`` (same keywords, same result) computed by the model of the kernel.
     The state is kept in the inputs' dtype (float32 or float64)."""
     return host.run(launch, q, k, v, lam, backend="cuda-model", **options)

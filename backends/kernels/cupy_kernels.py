@@ -31,7 +31,7 @@ KERNELS = {"float32": "dla_scan<float>", "float64": "dla_scan<double>"}
 __all__ = ["decode_step", "dla"]
 
 
-def dla(q, k, v, lam, **options):
+def dla(q, k, v, lam=None, **options):
     """``dla_ref.dla`` (same keywords, same result) on the GPU; state in float32."""
     return host.run(launch, q, k, v, lam, backend="cupy", **options)
 

@@ -27,7 +27,7 @@ LINEAR, MAMBA2, GDN = 0, 1, 2
 BACKBONE_CODE = {"linear": LINEAR, "mamba2": MAMBA2, "gdn": GDN}
 
 
-def dla(q, k, v, lam, **options):
+def dla(q, k, v, lam=None, **options):
     """``dla_ref.dla`` compiled, on NumPy arrays: the same keywords, checks, errors and
     result. S, info, the scores and o are in the inputs' result dtype (float32/float64)."""
     return host.run(launch, q, k, v, lam, backend="numba", **options)

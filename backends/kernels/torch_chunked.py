@@ -33,14 +33,14 @@ from dla_ref.fenwick import fenwick_levels, level
 from dla_ref.recurrent import from_streams, to_streams, tokens_to_streams
 from dla_ref.step import (absorb_zero_contributions, information_score_from_scalars,
                           is_boundary, merge_adjacent, merge_choice, slot_weights, write_token)
-from dla_ref.validation import check_inputs
+from dla_ref.validation import broadcast_lam, check_inputs, inputs_namespace
 
 DEFAULT_CHUNK = 64
 BLOCK_TOKENS = 1024
 npx = host.npx  # NumPy as the reference's code expects it
 
 
-def dla(q, k, v, lam, *, chunk=DEFAULT_CHUNK, **options):
+def dla(q, k, v, lam=None, *, chunk=DEFAULT_CHUNK, **options):
     """``dla_ref.dla`` by exact chunked prefill: the same keywords, checks and result.
 
     chunk: C >= 1 tokens per chunk (any T works; the last chunk may be shorter). The state
@@ -55,12 +55,8 @@ def dla(q, k, v, lam, *, chunk=DEFAULT_CHUNK, **options):
 
 
 def launch(call: host.Call, chunk: int) -> host.Launched:
-    """The two phases, block by block, on the call's own cache."""
-    if call.opts.backbone == "gdn":
-        raise NotImplementedError(
-            "torch-chunked covers backbone='linear' and 'mamba2': gdn's transition "
-            "(I - beta k k^T) makes the open state's norm depend on more than the "
-            "chunk's Gram matrix; use the 'torch' backend")
+    """The two phases, block by block, on the call's own cache (linear or mamba2: the
+    registry's backbones, which the host enforces)."""
     streams = stream_inputs(call.tokens, call.log_alpha)
     state = initial_state(call.cache)
     outputs, decisions = [], []
@@ -683,14 +679,15 @@ def advance_states(S, k, v, L, page, src, dst, group, in_place):
 # --- Log-Linear Attention through the same phase 2 -----------------------------------------
 
 
-def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
+def loglinear(q, k, v, lam=None, *, backbone="linear", log_alpha=None, beta=None,
               chunk=DEFAULT_CHUNK):
     """Log-Linear Attention (``dla_ref.loglinear``) by the same chunked products.   -> o
 
-    Shapes as in ``dla_ref.loglinear``: lam [B, T, H, L] with L >= fenwick_levels(T)
-    columns, indexed by level; o in the inputs' dtype. Only the partition differs from
-    DLA's (docs/spec/baselines.md): the Fenwick level of token s at time t is
-    bit_length(t XOR s), so with C a power of two and chunks starting at multiples of C,
+    Shapes as in ``dla_ref.loglinear``: lam broadcasting to [B, T, H, L] with
+    L >= fenwick_levels(T) columns, indexed by level (None: ones); o in the inputs'
+    dtype. Only the partition differs from DLA's (docs/spec/baselines.md): the Fenwick
+    level of token s at time t is bit_length(t XOR s), so with C a power of two and
+    chunks starting at multiples of C,
     every token before the chunk keeps the level it has at the chunk start c0 for the
     whole chunk, and the chunk's token s is at level bit_length((t - c0) XOR (s - c0)).
     Slots are levels (proofs/chunked_prefill.md). It prices the Log-Linear baseline in
@@ -714,20 +711,20 @@ def loglinear(q, k, v, lam, *, backbone="linear", log_alpha=None, beta=None,
 
 
 def loglinear_inputs(q, k, v, lam, backbone, log_alpha, beta, chunk):
-    """Log-Linear's inputs checked (dla_ref's checks, chunk a power of two, enough levels)
-    and laid out.   -> (xp, out_dtype, streams as ``stream_inputs``, recording)"""
-    impl = registry.get("torch-chunked")
-    xp, dev = host.inputs_namespace(impl, q, k, v, lam)
-    log_alpha, beta = (host.adopt(xp, dev, x) for x in (log_alpha, beta))
-    _, T, _, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone)
+    """Log-Linear's inputs checked (dla_ref's checks, chunk a power of two, enough levels;
+    lam None or broadcasting) and laid out.   -> (xp, out_dtype, streams, recording)"""
+    impl = registry.get("torch-chunked", "loglinear")
+    xp = inputs_namespace(q=q, k=k, v=v, lam=lam, log_alpha=log_alpha, beta=beta)
+    host.check_backend_takes(impl, q, backbone)
+    B, T, H, _, _ = check_inputs(xp, q, k, v, lam, log_alpha, beta, backbone)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two for Log-Linear, got {chunk!r}")
-    if backbone == "gdn":
-        raise NotImplementedError("torch-chunked covers backbone='linear' and 'mamba2'")
     levels = fenwick_levels(T)
-    if lam.shape[3] < levels:
+    columns = levels if lam is None or lam.ndim == 0 or lam.shape[-1] == 1 else lam.shape[-1]
+    if columns < levels:
         raise ValueError(f"lam must have at least {levels} columns (levels) for T={T}, "
-                         f"got {lam.shape[3]}")
+                         f"got {columns}")
+    lam = broadcast_lam(xp, lam, (B, T, H, columns), q)
     arrays = [x for x in (q, k, v, lam, log_alpha) if x is not None]
     out_dtype, dtype = host.dtypes(xp, impl, arrays)
     tokens = tokens_to_streams(xp, dtype, q, k, v, lam[..., :levels], None, None)

@@ -22,7 +22,7 @@ from dla_backends import host
 from dla_ref.step import dla_decision, information_score
 
 
-def dla(q, k, v, lam, **options):
+def dla(q, k, v, lam=None, **options):
     """``dla_ref.dla`` on torch tensors (CPU or CUDA): the same keywords, checks, errors
     and result. o in the inputs' dtype; S, info and scores in the state dtype."""
     return host.run(launch, q, k, v, lam, backend="torch", **options)

@@ -472,7 +472,7 @@ def dla_prefill_kernel(q, k, v, lam, alpha, beta, forced_boundary, forced_merged
 # --- the host side ------------------------------------------------------------------------
 
 
-def dla(q, k, v, lam, **options):
+def dla(q, k, v, lam=None, **options):
     """``dla_ref.dla`` on torch tensors by the Triton kernels: the same keywords, checks
     and result. T == 1 runs the decode kernel, T > 1 the prefill kernel."""
     return host.run(launch, q, k, v, lam, backend="triton", **options)
