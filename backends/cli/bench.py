@@ -239,17 +239,18 @@ class CallPerToken:
         return result.o[:, 0]
 
 
-def start_decoding(target: Target, options: dict, start, per_token: bool):
+def start_decoding(target: Target, options: dict, start, per_token: bool, record=True):
     """(session, o of the prompt or None): a session that has seen the start.
 
     start: the prompt's arrays for the session (``Decoder.prefill``), or, per_token,
-    the full Cache the ``dla`` calls begin from.
+    the full Cache the ``dla`` calls begin from. record: keep the trace (the check
+    needs it; the timing does not).
     """
     if per_token:
         return CallPerToken(entry_point(target), options, start), None
     from ..decoder import Decoder
 
-    session = Decoder(backend=target.name, record_trace=True, **options)
+    session = Decoder(backend=target.name, record_trace=record, **options)
     return session, session.prefill(**start)
 
 
@@ -295,7 +296,7 @@ def decode_steps(target: Target, options: dict, start, per_token: bool):
         at = lambda name, t: None if x.get(name) is None else x[name][:, t]  # noqa: E731
         tokens = [{name: at(name, t) for name in ("q", "k", "v", "lam", "log_alpha", "beta")}
                   for t in range(x["q"].shape[1])]
-        return start_decoding(target, options, start, per_token)[0], tokens
+        return start_decoding(target, options, start, per_token, record=False)[0], tokens
 
     def call(state):
         session, tokens = state
