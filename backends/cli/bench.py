@@ -963,8 +963,7 @@ def note(r: dict) -> str:
     """The row's status and reason, or what it was compared with, in a few words."""
     if r["status"] != "ok":
         return f"{r['status']}: {r.get('reason', '')}"
-    parts = [f"timed on {r['T_timed']} of {r['T']} tokens"] if r.get("T_timed") != r.get("T") \
-        else []
+    parts = [f"{r['T_timed']} of {r['T']} tokens"] if r.get("T_timed") != r.get("T") else []
     if r.get("decode_session", "Decoder") != "Decoder":
         parts.append(r["decode_session"])
     if "DLA_over_loglinear" in r and not r["loglinear_form"].startswith("dla_ref"):
