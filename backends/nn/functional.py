@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 
-from dla_ref.parallel import partition_history
 
 
 # --- slot maps: which readout weight each (t, s) pair uses ----------------------------------
@@ -32,17 +31,69 @@ from dla_ref.parallel import partition_history
 def slot_map_from_trace(boundary, merged, capacity):
     """The slot of token s at time t, replayed from a trace.   -> int64 [N, T, T] (NumPy)
 
-    boundary [N, T] bool, merged [N, T] int (a trace from an empty cache, as streams).
-    slot[n, t, s] = the chronological slot (0 = oldest) that holds token s after token
-    t, for s <= t; entries above the diagonal are 0 (they are masked out by ``causal``).
+    boundary [N, T] bool, merged [N, T] int (a trace from an empty cache, as streams,
+    already checked to fit the capacity: it comes from a scan). slot[n, t, s] = the
+    chronological slot (0 = oldest) that holds token s after token t, for s <= t;
+    entries above the diagonal are 0 (``readout_mask`` masks them).
     """
-    counts, m = partition_history(np, np.asarray(boundary), np.asarray(merged), capacity)
-    starts = np.cumsum(counts, axis=2) - counts  # [N, T, K] first token of every slot
-    used = np.arange(capacity)[None, None, :] < m[:, :, None]
-    starts = np.where(used, starts, np.iinfo(np.int64).max)
-    s = np.arange(boundary.shape[1])
-    slot = (starts[:, :, None, :] <= s[None, None, :, None]).sum(axis=3) - 1
-    return np.maximum(slot, 0)
+    slot, _ = replay(np.ascontiguousarray(boundary, dtype=np.bool_),
+                     np.ascontiguousarray(merged, dtype=np.int64), capacity)
+    return slot
+
+
+def open_starts(boundary, merged, capacity):
+    """First token of the open slot that token s is scored against.   -> int64 [N, T]
+
+    For s >= 1 that is the start of the newest slot after token s-1 (no merge can move
+    it: a merge happens only at a boundary). Entry 0 is 0 (token 0 is not scored).
+    """
+    _, newest = replay(np.ascontiguousarray(boundary, dtype=np.bool_),
+                       np.ascontiguousarray(merged, dtype=np.int64), capacity)
+    return np.concatenate([np.zeros_like(newest[:, :1]), newest[:, :-1]], axis=1)
+
+
+def replay_trace(boundary, merged, capacity):
+    """Replay a trace on the slots' start tokens.  -> (slot [N, T, T], newest [N, T])
+
+    A merge of slots j, j+1 drops start j+1 (the later slots move down by one); a
+    boundary appends start t. slot[n, t, s] = (starts <= s among the used slots) - 1;
+    newest[n, t] = the start of the newest slot after token t. Plain loops, compiled by
+    Numba when it is installed (the reference's ``partition_history`` does the same on
+    whole arrays, at Python speed per token).
+    """
+    N, T = boundary.shape
+    slot = np.zeros((N, T, T), dtype=np.int64)
+    newest = np.zeros((N, T), dtype=np.int64)
+    starts = np.zeros(capacity, dtype=np.int64)
+    for n in range(N):
+        m = 0
+        for t in range(T):
+            j = merged[n, t]
+            if j >= 0:
+                for i in range(j + 1, m - 1):
+                    starts[i] = starts[i + 1]
+                m -= 1
+            if boundary[n, t]:
+                starts[m] = t
+                m += 1
+            newest[n, t] = starts[m - 1]
+            i = 0
+            for s in range(t + 1):
+                while i + 1 < m and starts[i + 1] <= s:
+                    i += 1
+                slot[n, t, s] = i
+    return slot, newest
+
+
+def _compiled(function):
+    try:
+        import numba
+    except ImportError:
+        return function
+    return numba.njit(cache=True)(function)
+
+
+replay = _compiled(replay_trace)
 
 
 def fenwick_slot_map(T):
@@ -62,18 +113,6 @@ def fixed_trace(N, T, chunk):
     a boundary every ``chunk`` tokens, no merge.   -> (boundary [N, T], merged [N, T])"""
     boundary = np.broadcast_to(np.arange(T) % chunk == 0, (N, T)).copy()
     return boundary, np.full((N, T), -1, dtype=np.int64)
-
-
-def open_starts(boundary, merged, capacity):
-    """First token of the open slot that token s is scored against.   -> int64 [N, T]
-
-    For s >= 1 that is the start of the newest slot after token s-1 (no merge can move
-    it: a merge happens only at a boundary). Entry 0 is 0 (token 0 is not scored).
-    """
-    counts, m = partition_history(np, np.asarray(boundary), np.asarray(merged), capacity)
-    starts = np.cumsum(counts, axis=2) - counts
-    newest = np.take_along_axis(starts, np.maximum(m - 1, 0)[:, :, None], axis=2)[:, :, 0]
-    return np.concatenate([np.zeros_like(newest[:, :1]), newest[:, :-1]], axis=1)
 
 
 # --- the masked form --------------------------------------------------------------------------

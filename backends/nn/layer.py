@@ -44,13 +44,15 @@ class LayerCache:
     state: the DLA cache (dla_ref.Cache [B, H, ...]) for dla, fixed and single;
     history: for loglinear, the projected (q, k, v, lam, log_alpha) of every token so far
     (Log-Linear's levels are recomputed from it: O(T) per decoded token);
-    seen: tokens consumed so far; chunk: the fixed policy's C.
+    seen: tokens consumed so far; chunk: the fixed policy's C;
+    tail: the short convolution's input over the last conv_size - 1 tokens.
     """
 
     state: Any = None
     history: tuple | None = None
     seen: int = 0
     chunk: int | None = None
+    tail: Any = None
 
 
 class DLAAttention(nn.Module):
@@ -68,11 +70,12 @@ class DLAAttention(nn.Module):
     head_k_dim, head_v_dim: per-head key and value sizes (default d_model / n_heads).
     core: "masked" (the quadratic form, linear/mamba2), "scan" (``dla_backends.dla``
         under a forced trace), "auto" (masked where it applies, else scan).
+    conv_size: width of the short causal convolution on q, k, v (1 or 0: none).
     """
 
     def __init__(self, d_model, n_heads, *, backbone="mamba2", capacity=8, tau=0.6,
                  policy="dla", gate="hard", temperature=0.1, head_k_dim=None,
-                 head_v_dim=None, chunk=None, core="auto", eps=1e-6):
+                 head_v_dim=None, chunk=None, core="auto", conv_size=4, eps=1e-6):
         super().__init__()
         check_layer_options(d_model, n_heads, backbone, capacity, policy, gate, temperature,
                             core)
@@ -88,31 +91,41 @@ class DLAAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, H * self.dk, bias=False)
         self.k_proj = nn.Linear(d_model, H * self.dk, bias=False)
         self.v_proj = nn.Linear(d_model, H * self.dv, bias=False)
+        channels = H * (2 * self.dk + self.dv)
+        self.conv = nn.Conv1d(channels, channels, conv_size, groups=channels) \
+            if conv_size > 1 else None
+        self.last_tail = None
         self.lam_proj = nn.Linear(d_model, H * capacity)
         self.lam_scale = nn.Parameter(torch.ones(H, capacity))  # L in softplus(L * W x)
         if backbone != "linear":
             self.dt_proj = nn.Linear(d_model, H)
             self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))
             nn.init.zeros_(self.dt_proj.weight)
-            with torch.no_grad():  # Mamba-2's Delta at init: log-uniform in [1e-3, 1e-1]
-                dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), H))
+            with torch.no_grad():  # Mamba-2's Delta at init: log-uniform in [1e-2, 1e-1]
+                dt = torch.exp(torch.linspace(math.log(1e-2), math.log(1e-1), H))
                 self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         if backbone == "gdn":
             self.beta_proj = nn.Linear(d_model, H)
         self.tau = nn.Parameter(torch.full((H,), float(tau)), requires_grad=gate == "ste")
-        self.o_norm = nn.RMSNorm(self.dv, eps=1e-5)
+        self.o_norm = nn.RMSNorm(self.dv, eps=1e-8)
         self.o_proj = nn.Linear(H * self.dv, d_model, bias=False)
         self.last_trace = None  # (boundary, merged) [B, T, H] of the last forward, for plots
 
     # --- projections and gates -----------------------------------------------------------
 
-    def project(self, x):
-        """(q, k, v, lam, log_alpha, beta) of x [B, T, d_model] as DLA takes them."""
+    def project(self, x, tail=None):
+        """(q, k, v, lam, log_alpha, beta) of x [B, T, d_model] as DLA takes them.
+
+        tail: the short convolution's input over the previous conv_size - 1 tokens (when
+        decoding; zeros before the first token). ``self.last_tail`` keeps this call's.
+        """
         B, T, _ = x.shape
         H = self.n_heads
-        q = self.q_proj(x).view(B, T, H, self.dk)
-        k = self.k_proj(x).view(B, T, H, self.dk)
-        v = self.v_proj(x).view(B, T, H, self.dv)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.conv is not None:
+            qkv, self.last_tail = self.short_conv(qkv, tail)
+        q, k, v = qkv.split([H * self.dk, H * self.dk, H * self.dv], dim=-1)
+        q, k, v = q.view(B, T, H, self.dk), k.view(B, T, H, self.dk), v.view(B, T, H, self.dv)
         lam = nn.functional.softplus(self.lam_scale * self.lam_proj(x).view(B, T, H, -1))
         log_alpha = beta = None
         if self.backbone != "linear":
@@ -129,6 +142,17 @@ class DLAAttention(nn.Module):
             q = q / math.sqrt(self.dk)
         return q, k, v, lam, log_alpha, beta
 
+    def short_conv(self, qkv, tail):
+        """SiLU(causal depthwise convolution over the last conv_size tokens), as
+        flash-linear-attention's ShortConvolution: it lets a token's key and value see
+        the tokens just before it.   qkv [B, T, C] -> ([B, T, C], new tail [B, w-1, C])"""
+        width = self.conv.kernel_size[0]
+        if tail is None:
+            tail = qkv.new_zeros(qkv.shape[0], width - 1, qkv.shape[2])
+        padded = torch.cat([tail, qkv], dim=1)
+        out = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        return nn.functional.silu(out), padded[:, padded.shape[1] - (width - 1):]
+
     def forward(self, x, cache: LayerCache | None = None, use_cache: bool = False):
         """y [B, T, d_model] and the cache (None unless ``use_cache`` or ``cache`` given).
 
@@ -136,11 +160,12 @@ class DLAAttention(nn.Module):
         With ``use_cache`` or a cache: prefill / decode without gradient, continuing from
         ``cache``; chaining calls gives the same y as one call on the whole sequence.
         """
-        q, k, v, lam, log_alpha, beta = self.project(x)
+        q, k, v, lam, log_alpha, beta = self.project(x, None if cache is None else cache.tail)
         if cache is None and not use_cache:
             o = self.mix(q, k, v, lam, log_alpha, beta)
         else:
             o, cache = self.decode(q, k, v, lam, log_alpha, beta, cache or LayerCache())
+            cache.tail = self.last_tail
         B, T = x.shape[:2]
         return self.o_proj(self.o_norm(o).reshape(B, T, -1)), cache
 

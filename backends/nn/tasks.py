@@ -30,9 +30,9 @@ TASKS = ("mqar", "niah")
 class Vocab:
     """Token ranges: keys, values and noise follow the three special tokens."""
 
-    keys: int = 64
-    values: int = 64
-    noise: int = 64
+    keys: int = 32
+    values: int = 32
+    noise: int = 32
 
     @property
     def size(self) -> int:
