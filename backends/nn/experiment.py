@@ -59,7 +59,10 @@ def grid():
                 config = replace(config, **changes)
                 name = f"{task}_{difficulty.replace('=', '')}_{variant}_seed{seed}"
                 runs.append((name, (task, difficulty, variant), config))
-    return runs
+    # the core comparison first, seed by seed, so that a cut-short run is still balanced
+    names = [variant for variant, _ in VARIANTS]
+    order = lambda run: (names.index(run[1][2]) >= 4, run[2].seed)  # noqa: E731
+    return sorted(runs, key=order)
 
 
 def train_one(item):
