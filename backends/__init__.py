@@ -97,6 +97,10 @@ register("dla", Implementation(
     "triton", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.kernels.triton_kernels:dla", _triton_available, state_dtype="float32"))
 register("dla", Implementation(
+    "triton-chunked", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
+    "dla_backends.kernels.triton_chunked:dla", _triton_available, state_dtype="float32",
+    backbones=CHUNKED_BACKBONES))
+register("dla", Implementation(
     "cuda-model", ("numpy",), ("cpu",), ("float32", "float64"),
     "dla_backends.kernels.cuda_model:dla"))
 register("dla", Implementation(

@@ -40,7 +40,7 @@ CPU_BACKENDS = tuple(name for name in testing.BACKENDS if "cpu" in testing.backe
 
 # Share of the profile's examples a backend (NAME@DEVICE) runs: the interpreted Triton
 # kernels take seconds per case on a CPU, so they get fewer. On CUDA all run in full.
-EXAMPLE_SHARE = {"triton@cpu": 0.25}
+EXAMPLE_SHARE = {"triton@cpu": 0.25, "triton-chunked@cpu": 0.25}
 
 
 def backend_names() -> list[str]:

@@ -186,12 +186,18 @@ def decide_block(x: Block, state: State, call: host.Call):
     return made, state._replace(carry=carry, open_now=open_now)
 
 
-def apply_block(x: Block, made, state: State, call: host.Call):
+def apply_block(x: Block, made, state: State, call: host.Call, intra=None, start=None):
     """2. Phase 2 for the block: every chunk's own-token outputs at once, then chunk by
     chunk the outputs from the states at its start and the states moved to its end.
-    -> (o [N, nb C, Dv], the state after the block)"""
+    -> (o [N, nb C, Dv], the state after the block)
+
+    made: [(m at the chunk start, a record with ``first_item`` and ``used``)] per chunk;
+    intra, start: the two readout products (default ``intra_outputs``, ``start_outputs``;
+    triton-chunked passes its kernels).
+    """
     import torch
 
+    intra, start = intra or intra_outputs, start or start_outputs
     N, K = state.page.shape
     C, dev = x.C, call.device
     slot_of = slot_map(np.concatenate([d.first_item for _, d in made], axis=1), K, C)
@@ -199,11 +205,11 @@ def apply_block(x: Block, made, state: State, call: host.Call):
     weight = item_weights(x.lam, used, on_device(slot_of, dev), call.opts.slots)
     weight = weight.reshape(N, x.nb, C, K + C)
     ends = slot_of.reshape(N, x.nb, C, K + C)[:, :, -1]  # [N, nb, K + C]
-    within = intra_outputs(x.q, x.k, x.v, x.L, weight[..., K:])
+    within = intra(x.q, x.k, x.v, x.L, weight[..., K:])
     S, page, outputs = state.S, state.page, []
     for i, (m0, _) in enumerate(made):
         present = np.arange(K)[None, :] < m0[:, None]
-        outputs.append(within[:, i] + start_outputs(
+        outputs.append(within[:, i] + start(
             S, on_device(page, dev), on_device(present, dev), x.q[:, i], x.L[:, i],
             weight[:, i, :, :K]))
         page, src, dst = page_moves(page, present, ends[:, i, :K])
