@@ -119,11 +119,11 @@ class Decoder:
         """
         arrays = dict(q=q, k=k, v=v, lam=lam, log_alpha=log_alpha, beta=beta)
         if self.session is None:
-            return self.prefill(**one_token_axis(arrays))[:, 0]
+            return self.prefill(**one_token_axis(arrays))[:, 0, ...]
         token = self.session.spec.check(arrays, self.opts)
         o, decided = self.session.step(token)
         if self.record_trace:
-            self.traces.append(dla_ref.Trace(*(x[:, None] for x in decided)))
+            self.traces.append(dla_ref.Trace(*(x[:, None, ...] for x in decided)))
         return o
 
     def choose(self, q) -> str:
@@ -286,7 +286,7 @@ class Session:
         launched = self.launch(call)
         self.storage = tuple(launched.cache)
         result = host.finish(call, launched)
-        return result.o[:, 0], tuple(x[:, 0] for x in result.trace)
+        return result.o[:, 0, ...], tuple(x[:, 0, ...] for x in result.trace)
 
     def launch(self, call: host.Call) -> host.Launched:
         """The implementation's kernel on one token (the host contract's ``launch``)."""

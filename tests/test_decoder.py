@@ -42,7 +42,8 @@ def native(arrays, candidate: Candidate):
 
 
 def at(arrays, index):
-    return {name: None if x is None else x[:, index] for name, x in arrays.items()}
+    """Token(s) ``index`` of every array ([B, T, H, ...] -> [B, H, ...] or [B, T', H, ...])."""
+    return {name: None if x is None else x[:, index, ...] for name, x in arrays.items()}
 
 
 def decode(candidate, arrays, prompt, **options):
