@@ -8,7 +8,8 @@
 # `timeout`, all parts together within GPU_CHECK_BUDGET seconds (default 470, under
 # 8 minutes):
 #   nvidia-smi; the versions seen; the CUDA backend's own tests; the differential suite
-#   once per GPU backend (cupy, triton@cuda compiled, torch@cuda, torch-chunked@cuda),
+#   once per GPU backend (cupy, triton@cuda and triton-chunked@cuda compiled, torch@cuda,
+#   torch-chunked@cuda),
 #   each stopping at its first failure, so that one backend's failure does not hide the
 #   others'; the Triton and torch backends' own tests; then the benchmarks.
 # Everything is printed and logged under $OUT (./out when OUT is unset):
@@ -138,13 +139,13 @@ print("commit", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True
 EOF
 
 pytest_part "cuda kernel tests" 75 cupy tests/test_cuda_kernels.py
-for backend in cupy triton@cuda torch@cuda torch-chunked@cuda; do
+for backend in cupy triton@cuda triton-chunked@cuda torch@cuda torch-chunked@cuda; do
   cap=45
-  [ "$backend" = triton@cuda ] && cap=75  # each new shape is a JIT compilation
+  case "$backend" in triton*) cap=75 ;; esac  # each new shape is a JIT compilation
   pytest_part "differential $backend" "$cap" "$backend" tests/test_differential.py
 done
 pytest_part "triton and torch backend tests" 60 triton@cuda,torch@cuda,torch-chunked@cuda \
-  tests/test_triton_backend.py tests/test_torch_backend.py
+  tests/test_triton_backend.py tests/test_triton_chunked.py tests/test_torch_backend.py
 
 if [ ! -f backends/cli/bench.py ]; then
   record "bench: skipped (backends/cli/bench.py does not exist yet)"
