@@ -69,10 +69,10 @@ class DLAFunction(torch.autograd.Function):
     def forward(ctx, static, q, k, v, lam, log_alpha, beta, S0):
         inputs = (q, k, v, lam, log_alpha, beta, S0)
         cache = None if static.cache_counts is None else static.cache_counts._replace(
-            S=host.to_host(S0))
+            S=on_host(S0))
         result, saved = numba_backward.forward(
-            *(host.to_host(x) for x in (q, k, v, lam)), log_alpha=host.to_host(log_alpha),
-            beta=host.to_host(beta), initial_cache=cache, checkpoint=static.checkpoint,
+            *(on_host(x) for x in (q, k, v, lam)), log_alpha=on_host(log_alpha),
+            beta=on_host(beta), initial_cache=cache, checkpoint=static.checkpoint,
             **static.options)
         ctx.saved = saved
         ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs)
@@ -83,10 +83,15 @@ class DLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS, *_not_differentiable):
-        grads = numba_backward.backward(ctx.saved, host.to_host(do), host.to_host(dS))
+        grads = numba_backward.backward(ctx.saved, on_host(do), on_host(dS))
         out = [None]  # static
         for needed, grad, dtype in zip(ctx.needs_input_grad[1:], grads, ctx.dtypes):
             wanted = needed and grad is not None
             out.append(torch.from_numpy(np.ascontiguousarray(grad)).to(dtype) if wanted
                        else None)
         return tuple(out)
+
+
+def on_host(x):
+    """A NumPy view of a CPU tensor's values (``host.to_host``); None stays None."""
+    return None if x is None else host.to_host(x)
