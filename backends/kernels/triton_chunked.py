@@ -7,7 +7,7 @@ torch-chunked computes (proofs/chunked_prefill.md), with the work on the device:
 1. decide (``decide_kernel``, one program per stream): every token's score from three
    scalars (||s_t||^2, ||S_open||^2, <S_open, s_t>) against the stream's carried open
    state, the boundary and merge decisions and the counts, by the tile functions of the
-   Triton backend (``triton_kernels.decide_token``), so both backends decide alike;
+   Triton backend (``triton_kernels.decide_on_open_copy``), so both backends decide alike;
 2. the partition each chunk's tokens read, replayed on the host from the decisions
    (``chunk_partition``: item counts only, O(C K) per token);
 3. apply, torch-chunked's phase 2 with its two readout products as Triton kernels of
@@ -33,8 +33,8 @@ from dla_backends import host
 from dla_ref.step import merge_adjacent, open_state, write_token
 
 from . import torch_chunked as chunked
-from .triton_kernels import (absorb_or_open, decide_token, load_counts, load_token,
-                             runtime_options, store_counts, tile)
+from .triton_kernels import (decide_on_open_copy, load_counts, load_token, runtime_options,
+                             store_counts, tile)
 
 DEFAULT_CHUNK = 16  # tl.dot needs tiles of at least 16 rows
 npx = host.npx
@@ -99,13 +99,10 @@ def decide_kernel(k, v, alpha, beta, forced_boundary, forced_merged, n_in, info_
         row = stream * T + t
         _, k_t, _, alpha_t, beta_t = load_token(k, k, v, alpha, beta, row, rows, row_mask,
                                                 cols, col_mask, Dk, Dv, BACKBONE)
-        score, boundary, merged, _, n, info, m = decide_token(
+        score, boundary, merged, _, n, info, m = decide_on_open_copy(
             open_copy, n, info, m, k_t, v + row * Dv, alpha_t, beta_t, row, K, tau, eps,
             score_state, normalize, forced_boundary, forced_merged, rows, row_mask, Dk, Dv,
-            BACKBONE, FORCED, True, BLOCK_K, BLOCK_DK, BLOCK_DV)
-        tl.debug_barrier()  # absorb_or_open reads the transitioned copy in another layout
-        absorb_or_open(open_copy, k_t, v + row * Dv, beta_t, boundary, rows, row_mask, Dv,
-                       BACKBONE, BLOCK_DV)
+            BACKBONE, FORCED, BLOCK_K, BLOCK_DK, BLOCK_DV)
         tl.store(scores + row, score)
         tl.store(boundaries + row, boundary.to(tl.int8))
         tl.store(merges + row, merged.to(tl.int64))
@@ -173,6 +170,27 @@ def chunk_partition(boundary, merged, m, K) -> Partition:
 
 
 @triton.jit
+def chunk_tile(C, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The token rows j of a chunk, the columns a (of Dk) and b (of Dv), the valid rows."""
+    j = tl.arange(0, BLOCK_C)
+    return j, tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV), j < C
+
+
+@triton.jit
+def load_rows(x, j, rows, a, width):
+    """Rows j of a row-major [C, width] matrix, columns a: [BLOCK_C, len(a)], 0 outside."""
+    return tl.load(x + j[:, None] * width + a[None, :],
+                   mask=rows[:, None] & (a[None, :] < width), other=0.0)
+
+
+@triton.jit
+def store_rows(x, j, rows, b, width, value):
+    """Store ``value`` [BLOCK_C, len(b)] as rows j, columns b of a [C, width] matrix."""
+    tl.store(x + j[:, None] * width + b[None, :], value,
+             mask=rows[:, None] & (b[None, :] < width))
+
+
+@triton.jit
 def intra_kernel(q, k, v, L, weight, o, C, Dk, Dv, BLOCK_C: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One chunk's own-token outputs (grid: one program per chunk of every stream):
@@ -183,24 +201,17 @@ def intra_kernel(q, k, v, L, weight, o, C, Dk, Dv, BLOCK_C: tl.constexpr,
     in IEEE precision. q, k [., C, Dk], v, o [., C, Dv], L [., C], weight [., C, C].
     """
     chunk = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_C)
-    a = tl.arange(0, BLOCK_DK)
-    b = tl.arange(0, BLOCK_DV)
-    rows = j < C
-    Q = tl.load(q + chunk * C * Dk + j[:, None] * Dk + a[None, :],
-                mask=rows[:, None] & (a[None, :] < Dk), other=0.0)
-    K_ = tl.load(k + chunk * C * Dk + j[:, None] * Dk + a[None, :],
-                 mask=rows[:, None] & (a[None, :] < Dk), other=0.0)
-    V = tl.load(v + chunk * C * Dv + j[:, None] * Dv + b[None, :],
-                mask=rows[:, None] & (b[None, :] < Dv), other=0.0)
+    j, a, b, rows = chunk_tile(C, BLOCK_C, BLOCK_DK, BLOCK_DV)
+    Q = load_rows(q + chunk * C * Dk, j, rows, a, Dk)
+    K_ = load_rows(k + chunk * C * Dk, j, rows, a, Dk)
+    V = load_rows(v + chunk * C * Dv, j, rows, b, Dv)
     Lc = tl.load(L + chunk * C + j, mask=rows, other=0.0)
     causal = (j[:, None] >= j[None, :]) & rows[:, None] & rows[None, :]
     W = tl.load(weight + chunk * C * C + j[:, None] * C + j[None, :], mask=causal, other=0.0)
     decay = tl.where(causal, tl.exp(Lc[:, None] - Lc[None, :]), 0.0)
     A = tl.dot(Q, tl.trans(K_), input_precision="ieee") * decay * W
     out = tl.dot(A, V, input_precision="ieee")
-    tl.store(o + chunk * C * Dv + j[:, None] * Dv + b[None, :], out,
-             mask=rows[:, None] & (b[None, :] < Dv))
+    store_rows(o + chunk * C * Dv, j, rows, b, Dv, out)
 
 
 def intra_outputs(q, k, v, L, weight):
@@ -226,12 +237,8 @@ def start_kernel(S, page, coef, q, o, K, C, Dk, Dv, BLOCK_C: tl.constexpr,
     S [N, K, Dk, Dv] physical slots; page [N, K]; coef [N, C, K]; q [N, C, Dk]; o [N, C, Dv].
     """
     stream = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_C)
-    a = tl.arange(0, BLOCK_DK)
-    b = tl.arange(0, BLOCK_DV)
-    rows = j < C
-    Q = tl.load(q + stream * C * Dk + j[:, None] * Dk + a[None, :],
-                mask=rows[:, None] & (a[None, :] < Dk), other=0.0)
+    j, a, b, rows = chunk_tile(C, BLOCK_C, BLOCK_DK, BLOCK_DV)
+    Q = load_rows(q + stream * C * Dk, j, rows, a, Dk)
     acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
     state = (a[:, None] < Dk) & (b[None, :] < Dv)
     for i in range(0, K):
@@ -240,8 +247,7 @@ def start_kernel(S, page, coef, q, o, K, C, Dk, Dv, BLOCK_C: tl.constexpr,
                     other=0.0)
         c = tl.load(coef + (stream * C + j) * K + i, mask=rows, other=0.0)
         acc += tl.dot(Q * c[:, None], X, input_precision="ieee")
-    tl.store(o + stream * C * Dv + j[:, None] * Dv + b[None, :], acc,
-             mask=rows[:, None] & (b[None, :] < Dv))
+    store_rows(o + stream * C * Dv, j, rows, b, Dv, acc)
 
 
 def start_outputs(S, page, present, q, L, weight):

@@ -380,6 +380,23 @@ def absorb_or_open(S_open, k, v_row, beta, boundary, rows, row_mask, Dv,
 
 
 @triton.jit
+def decide_on_open_copy(open_copy, n, info, m, k, v_row, alpha, beta, row, K, tau, eps,
+                        score_state, normalize, forced_boundary, forced_merged, rows, row_mask,
+                        Dk, Dv, BACKBONE: tl.constexpr, FORCED: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``decide_token`` against a private copy of the open state [Dk, Dv] (transitioned in
+    place), then the copy after the token (``absorb_or_open``). Returns what
+    ``decide_token`` returns."""
+    score, boundary, merged, target, n, info, m = decide_token(
+        open_copy, n, info, m, k, v_row, alpha, beta, row, K, tau, eps, score_state,
+        normalize, forced_boundary, forced_merged, rows, row_mask, Dk, Dv, BACKBONE, FORCED,
+        True, BLOCK_K, BLOCK_DK, BLOCK_DV)
+    tl.debug_barrier()  # absorb_or_open reads the transitioned copy in another layout
+    absorb_or_open(open_copy, k, v_row, beta, boundary, rows, row_mask, Dv, BACKBONE, BLOCK_DV)
+    return score, boundary, merged, target, n, info, m
+
+
+@triton.jit
 def following_slots(S, scratch, here, block, slot3, K, slot_size):
     """The stack shifted by one slot (slot i holds S_{i+1}, 0 past K), through the
     program's own part of ``scratch``: registers cannot be indexed by slot."""
@@ -449,13 +466,10 @@ def dla_prefill_kernel(q, k, v, lam, alpha, beta, forced_boundary, forced_merged
         q_t, k_t, v_t, alpha_t, beta_t = load_token(q, k, v, alpha, beta, row, rows,
                                                     row_mask, cols, col_mask, Dk, Dv,
                                                     BACKBONE)
-        score, boundary, merged, target, n, info, m = decide_token(
+        score, boundary, merged, target, n, info, m = decide_on_open_copy(
             open_copy, n, info, m, k_t, v + row * Dv, alpha_t, beta_t, row, K, tau, eps,
             score_state, normalize, forced_boundary, forced_merged, rows, row_mask, Dk, Dv,
-            BACKBONE, FORCED, True, BLOCK_K, BLOCK_DK, BLOCK_DV)
-        tl.debug_barrier()  # absorb_or_open reads the transitioned copy in another layout
-        absorb_or_open(open_copy, k_t, v + row * Dv, beta_t, boundary, rows, row_mask, Dv,
-                       BACKBONE, BLOCK_DV)
+            BACKBONE, FORCED, BLOCK_K, BLOCK_DK, BLOCK_DV)
         S = advance_stack(S, k_t, v_t, alpha_t, beta_t, merged, target, scratch, here,
                           block_mask, slot3, K, slot_size, BACKBONE)
         o_t = read_stack(q_t, S, lam + row * K, m, newest_first, BLOCK_K)
