@@ -17,7 +17,7 @@ import json
 from . import UsageError, count, number, output_path
 
 QUICK = dict(T=64, pairs=4, d_model=32, n_heads=2, steps=80, batch=16, eval_batches=2,
-             lr=1e-2, log_every=5)
+             lr=3e-3, log_every=5)
 
 
 def add_arguments(parser) -> None:
@@ -80,8 +80,8 @@ def check_config(config, match: bool) -> None:
         raise UsageError(f"--policy loglinear needs --capacity >= {levels} at T={config.T}")
     if config.gate == "ste" and (config.policy != "dla" or config.backbone == "gdn"):
         raise UsageError("--gate ste needs --policy dla and --backbone mamba2 or linear")
-    if config.task == "mqar" and not (config.pairs <= 64 and 4 * config.pairs <= config.T):
-        raise UsageError(f"mqar needs --pairs <= 64 and T >= 4 * pairs, got "
+    if config.task == "mqar" and not (config.pairs <= 32 and 4 * config.pairs <= config.T):
+        raise UsageError(f"mqar needs --pairs <= 32 and T >= 4 * pairs, got "
                          f"pairs={config.pairs}, T={config.T}")
 
 

@@ -10,7 +10,6 @@ generator that does not depend on ``seed`` (every run is scored on the same sequ
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,12 +19,6 @@ import numpy as np
 from .tasks import Vocab, make_batch
 
 EVAL_SEED = 12345
-
-# The decision scan (Numba) takes milliseconds per step; a parallel Numba region leaves
-# its worker threads spinning afterwards, and on a small CPU they then take the cores
-# from torch for the rest of the step (measured on 2 cores: 1.1 s instead of 0.28 s of
-# CPU per step). One Numba thread avoids that; it must be set before numba is imported.
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 
 @dataclass(frozen=True)
