@@ -281,3 +281,22 @@ def test_bad_task_arguments():
         tasks.make_batch("copy", np.random.default_rng(0), 1, 32, 4)
     with pytest.raises(ValueError, match="pairs"):
         tasks.mqar(np.random.default_rng(0), 1, 16, 8)
+
+
+def test_each_head_decides_with_its_own_tau():
+    layer, x = make_layer("dla", gate="ste", capacity=3)
+    with torch.no_grad():
+        layer.tau.copy_(torch.tensor([0.2, 1.5]))
+    q, k, v, lam, log_alpha, _ = layer.project(x)
+    layer.mix(q, k, v, lam, log_alpha, None)
+    boundary, _ = layer.last_trace
+    for h, tau in enumerate((0.2, 1.5)):
+        head = [a.detach().numpy()[:, :, h:h + 1] for a in (q, k, v, lam, log_alpha)]
+        ref = dla_ref.dla(*head[:4], backbone="mamba2", log_alpha=head[4], tau=tau, capacity=3)
+        assert (boundary[:, :, h:h + 1] == ref.trace.boundary).all()
+    assert boundary[:, :, 0].sum() > boundary[:, :, 1].sum()
+    with torch.no_grad():  # decoding keeps the per-head thresholds
+        whole, _ = layer(x)
+        first, cache = layer(x[:, :7], use_cache=True)
+        rest, _ = layer(x[:, 7:], cache=cache)
+    np.testing.assert_allclose(torch.cat([first, rest], 1).numpy(), whole.numpy(), atol=1e-9)
