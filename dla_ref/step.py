@@ -180,11 +180,13 @@ def score_error_bound(xp, ss, SS, sS, size, opts: Options, dtype):
     where, with u = finfo(dtype).eps / 2, c = 4 + sqrt(size) and
     E = (|t_1| + |t_2| + |t_3|) / den^2 (``score_terms``),
 
-        absolute = min(sqrt(c u E), c u E / I_t),     relative = 4 u.
+        absolute = min(sqrt(c u E), c u E / I),     relative = 4 u,
 
-    c u E bounds the error of the radicand over den^2, which comes from the rounding
-    of the scalars (sums of size products: about sqrt(size) u of their scale) and of
-    the terms; |a - b| <= |a^2 - b^2| / (a + b) gives the rest. In state mode E is about
+    I being the score of these scalars. c u E bounds the error of the radicand over
+    den^2, which comes from the rounding of the scalars (sums of size products: about
+    sqrt(size) u of their scale) and of the terms; |a - b| <= |a^2 - b^2| / (a + b)
+    gives the rest. Not covered: a state that itself differs from the reference's
+    (the caller adds that), and scalars that underflow in dtype. In state mode E is about
     (||s_t|| / ||S_open + s_t||)^2: a block of n similar tokens scores ~1/n, and its
     error shrinks with it. In token mode E is about 2, so the absolute error near I_t = 0
     is sqrt(2 c u) (3e-3 for float32 at Dk = Dv = 64) and near tau = 0.6 about 3 c u.
