@@ -22,8 +22,8 @@ nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not in
 pytest.importorskip("matplotlib", reason="the notebooks extra is not installed")
 
 
-def test_there_are_three_notebooks():
-    assert [p.name[:2] for p in SOURCES] == ["01", "02", "03"]
+def test_there_are_four_notebooks():
+    assert [p.name[:2] for p in SOURCES] == ["01", "02", "03", "04"]
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])

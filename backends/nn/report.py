@@ -64,8 +64,8 @@ def plot_curves(runs, difficulties, variants, path):
                 continue
             steps = [p["step"] for p in curves[0]]
             accuracy = np.mean([[p["accuracy"] for p in c] for c in curves], axis=0)
-            smooth = np.convolve(accuracy, np.ones(3) / 3, mode="same")
-            ax.plot(steps, smooth, label=f"{variant} ({len(curves)})")
+            smooth = np.convolve(accuracy, np.ones(3) / 3, mode="valid")  # 3-point mean
+            ax.plot(steps[1:-1], smooth, label=f"{variant} ({len(curves)})")
         ax.set_title(difficulty)
         ax.set_xlabel("step")
         ax.set_ylabel("training accuracy (mean over seeds)")
