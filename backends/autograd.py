@@ -37,7 +37,7 @@ class Static(NamedTuple):
     checkpoint: int | None
 
 
-def dla(q, k, v, lam, *, log_alpha=None, beta=None, initial_cache=None, checkpoint=None,
+def dla(q, k, v, lam=None, *, log_alpha=None, beta=None, initial_cache=None, checkpoint=None,
         **options) -> Result:
     """``dla_ref.dla`` on CPU torch tensors, differentiable through compiled code.
 
@@ -46,7 +46,7 @@ def dla(q, k, v, lam, *, log_alpha=None, beta=None, initial_cache=None, checkpoi
     ceil(sqrt(T))).
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("lam", lam)):
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) and not (name == "lam" and x is None):
             raise TypeError(f"{name} must be a torch.Tensor for the numba-autograd backend, "
                             f"got {type(x).__name__}")
     S0, counts = None, None
@@ -75,7 +75,7 @@ class DLAFunction(torch.autograd.Function):
             beta=on_host(beta), initial_cache=cache, checkpoint=static.checkpoint,
             **static.options)
         ctx.saved = saved
-        ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs)
+        ctx.like = tuple(None if x is None else (x.dtype, x.shape) for x in inputs)
         outputs = tuple(torch.from_numpy(np.asarray(x)) for x in
                         (result.o, *result.cache, *result.trace))
         ctx.mark_non_differentiable(*outputs[2:])
@@ -85,11 +85,16 @@ class DLAFunction(torch.autograd.Function):
     def backward(ctx, do, dS, *_not_differentiable):
         grads = numba_backward.backward(ctx.saved, on_host(do), on_host(dS))
         out = [None]  # static
-        for needed, grad, dtype in zip(ctx.needs_input_grad[1:], grads, ctx.dtypes):
-            wanted = needed and grad is not None
-            out.append(torch.from_numpy(np.ascontiguousarray(grad)).to(dtype) if wanted
-                       else None)
+        for needed, grad, like in zip(ctx.needs_input_grad[1:], grads, ctx.like):
+            out.append(as_input(grad, *like) if needed and grad is not None else None)
         return tuple(out)
+
+
+def as_input(grad, dtype, shape):
+    """A gradient (NumPy, [B, T, H, ...]) as a tensor of its input's dtype and shape: summed
+    over the axes a broadcast input (lam of shape [H, K], ...) was expanded along."""
+    grad = torch.from_numpy(np.ascontiguousarray(grad)).to(dtype)
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
 def on_host(x):

@@ -31,7 +31,8 @@ from .validation import check_float_array, check_options, check_trace_shape
 class Gradients(NamedTuple):
     """The adjoints of ``dla``'s inputs, each of its input's shape, in the computing dtype.
 
-    dq, dk [B, T, H, Dk]; dv [B, T, H, Dv]; dlam [B, T, H, K];
+    dq, dk [B, T, H, Dk]; dv [B, T, H, Dv]; dlam of lam's shape ([B, T, H, K] when given
+    in full; None when lam was omitted);
     dlog_alpha [B, T, H] (mamba2, gdn; None for linear); dbeta [B, T, H] (gdn; else None);
     dinitial_S [B, H, K, Dk, Dv]: the adjoint of the initial cache's states (zero in its
     unused slots; n, info and m are integers or decisions and carry none).
@@ -51,7 +52,8 @@ def vjp(q, k, v, lam, do, *, trace, dcache=None, initial_cache=None, backbone="l
         slots="oldest-first", eps=1e-6, dtype=None, checkpoint=None) -> Gradients:
     """The gradient of ``dla`` under ``trace``: dL/d inputs for given dL/do (and dL/dS).
 
-    q, k, v, lam, log_alpha, beta, initial_cache and the options are ``dla``'s.
+    q, k, v, lam, log_alpha, beta, initial_cache and the options are ``dla``'s (lam may
+    broadcast, or be None for all ones).
     do [B, T, H, Dv]: the adjoint of the outputs, a real floating array of q's namespace.
     trace: the ``Trace`` the forward pass ran under (required: the gradient is defined
         only for fixed decisions); its scores are not read.
@@ -79,7 +81,21 @@ def vjp(q, k, v, lam, do, *, trace, dcache=None, initial_cache=None, backbone="l
     C = checkpoint_interval(T, checkpoint)
     per_token, dS = reverse_scan(xp, tokens, cache, trace_to_streams(xp, trace),
                                  to_streams(xp, do), dS, opts, C)
-    return assemble(xp, per_token, tokens, dS, B, H, opts.backbone)
+    grads = assemble(xp, per_token, tokens, dS, B, H, opts.backbone)
+    return grads._replace(dlam=unbroadcast(xp, grads.dlam, lam))
+
+
+def unbroadcast(xp, dlam, lam):
+    """dlam [B, T, H, K] summed back to lam's own shape (lam broadcasts, docs/spec/readout.md);
+    None when lam was omitted (all ones: no input to differentiate)."""
+    if lam is None:
+        return None
+    extra = dlam.ndim - lam.ndim
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(lam.shape) if n == 1 and dlam.shape[extra + i] != 1)
+    if axes:
+        dlam = xp.sum(dlam, axis=axes, keepdims=True)
+    return xp.reshape(dlam, tuple(lam.shape))
 
 
 def reverse_scan(xp, tokens, cache, decisions, do, dS, opts, C):

@@ -162,3 +162,22 @@ def test_the_gradient_layer_catches_a_wrong_backward():
         assert_grads_match_reference(wrong, **x, capacity=2, tau=0.3)
     assert assert_grads_match_reference(autograd.dla, **x, capacity=2, tau=0.3) <= 1
 
+
+
+def test_a_broadcast_lam_gets_a_gradient_of_its_own_shape():
+    """lam [H, K] (one weight per head and slot): vjp and the compiled backward sum dlam
+    over the axes it was broadcast along, as autograd of dla_ref.dla does."""
+    x = inputs("mamba2", 3)
+    lam = x.pop("lam")[0, 0].clone().requires_grad_(True)  # [H, K]
+    result = autograd.dla(**x, lam=lam, backbone="mamba2", capacity=3, tau=0.3)
+    result.o.sum().backward()
+    reference = lam.detach().clone().requires_grad_(True)
+    dla_ref.dla(**x, lam=reference, backbone="mamba2", capacity=3,
+                trace=result.trace).o.sum().backward()
+    ours = dla_ref.vjp(**x, lam=lam.detach(), do=torch.ones_like(result.o),
+                       trace=result.trace, backbone="mamba2", capacity=3)
+    assert lam.grad.shape == ours.dlam.shape == (2, 3)
+    torch.testing.assert_close(lam.grad, reference.grad)
+    torch.testing.assert_close(ours.dlam, reference.grad)
+    assert dla_ref.vjp(**x, lam=None, do=torch.ones_like(result.o), trace=result.trace,
+                       backbone="mamba2", capacity=3).dlam is None
