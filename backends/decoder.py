@@ -138,17 +138,23 @@ class Decoder:
 
 
 def one_token_axis(arrays: dict) -> dict:
-    """[B, H, ...] token arrays as [B, 1, H, ...] (a T axis of one), for the first step.
+    """A token's arrays with a T axis of one, for the first step: q, k, v and lam
+    [B, H, ...] -> [B, 1, H, ...], log_alpha and beta [B, H] -> [B, 1, H].
 
-    q must be one token, [B, H, Dk]; anything that is not an array is passed on for
-    dla's checks to name.
+    q must be one token, [B, H, Dk]; a lam of fewer axes ([H, K], [K]) broadcasts as it
+    is; anything that is not an array is passed on for dla's checks to name.
     """
     q = arrays["q"]
     if array_api_compat.is_array_api_obj(q) and q.ndim != 3:
         raise ValueError(f"q must have shape [B, H, Dk] (one token), got {list(q.shape)}")
-    expand = lambda x: x[:, None, ...] if array_api_compat.is_array_api_obj(x) \
-        and x.ndim >= 2 else x  # noqa: E731
-    return {name: expand(x) for name, x in arrays.items()}
+    rank = dict(log_alpha=2, beta=2)  # the others: 3
+
+    def expand(name, x):
+        if array_api_compat.is_array_api_obj(x) and x.ndim == rank.get(name, 3):
+            return x[:, None, ...]
+        return x
+
+    return {name: expand(name, x) for name, x in arrays.items()}
 
 
 # --- what a step checks ------------------------------------------------------------------

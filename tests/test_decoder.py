@@ -132,6 +132,15 @@ def test_lam_may_be_omitted_or_broadcast():
     assert np.array_equal(o, twin.step(**{**token, "lam": np.ones((1, 1, K))}))
 
 
+@pytest.mark.parametrize("lam", [None, np.full((H, K), 0.5), np.full((B, H, 1), 0.5)])
+def test_a_first_step_broadcasts_lam_like_dla(lam):
+    token = at(sequence(1, "mamba2", seed=0), 0)
+    full = np.broadcast_to(np.ones((B, H, K)) if lam is None else lam, (B, H, K))
+    o = dla_backends.Decoder(capacity=K, backbone="mamba2").step(**{**token, "lam": lam})
+    want = dla_backends.Decoder(capacity=K, backbone="mamba2").step(**{**token, "lam": full})
+    assert np.array_equal(o, want)
+
+
 def test_float16_numpy_decodes_with_float16_outputs():
     decoder, token = numpy_session(dtype=np.float16)
     assert decoder.step(**token).dtype == np.float16
