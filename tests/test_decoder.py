@@ -91,6 +91,24 @@ def test_prefill_then_steps_is_one_dla_call(backend, examples):
     check()
 
 
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_prefills_and_steps_may_alternate(namespace):
+    """prefill 3, step 2, prefill 2, step 1 is one dla() call over the 8 tokens."""
+    candidate = Candidate("", None, namespace, "cpu", "float64", "float64", "")
+    if namespace == "torch":
+        pytest.importorskip("torch", reason="torch not installed")
+    arrays = native(sequence(8, "mamba2", seed=5), candidate)
+    options = dict(backbone="mamba2", capacity=K, tau=0.5)
+    decoder = dla_backends.Decoder(record_trace=True, **options)
+    outputs = [decoder.prefill(**at(arrays, slice(0, 3)))]
+    outputs += [decoder.step(**at(arrays, t))[:, None] for t in (3, 4)]
+    outputs += [decoder.prefill(**at(arrays, slice(5, 7))), decoder.step(**at(arrays, 7))[:, None]]
+    want = dla_backends.dla(**arrays, **options)
+    got = np.concatenate([to_numpy(x) for x in outputs], axis=1)
+    assert decoder.backend == want.backend
+    assert_same_run(got, decoder, want, candidate)
+
+
 # --- the session on NumPy (numba where installed, else the reference) ---------------------
 
 
