@@ -183,10 +183,6 @@ def options_record(options: dict) -> Options:
                             for name in OPTION_NAMES})
 
 
-# The names the dispatch and the decoder use for dla_ref's one rule and helper.
-adopt = to_namespace
-
-
 def check_backend_takes(impl, q, backbone):
     """TypeError unless ``impl`` takes q's namespace; NotImplementedError unless it
     computes ``backbone``."""
