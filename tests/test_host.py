@@ -62,8 +62,8 @@ def native(arrays, namespace, dtype="float64"):
 
 
 def backbone_of(name):
-    """A backbone the backend implements (torch-chunked has no gdn)."""
-    return "mamba2" if name == "torch-chunked" else "gdn"
+    """gdn where the backend computes it (the chunked ones do not), else mamba2."""
+    return "gdn" if "gdn" in registry.get(name).backbones else "mamba2"
 
 
 def leaves(result):
