@@ -280,7 +280,8 @@ def forward_step(S0, m0, S1, k, v, alpha, beta, boundary, merged, backbone, kX):
         if backbone == GDN:
             delta_rule_into(S1[dest], S0[i], k, alpha, beta, add, kX)
         else:
-            scale_into(S1[dest], S0[i], alpha if backbone == MAMBA2 else 1.0, add)
+            # alpha * 0 + 1 keeps the state dtype (a float literal would make it float64)
+            scale_into(S1[dest], S0[i], alpha if backbone == MAMBA2 else alpha * 0 + 1, add)
     m = m0 - (1 if merged >= 0 else 0)
     target = m - 1 + (1 if boundary else 0)
     X = S1[target]
@@ -351,7 +352,7 @@ def read_transition_adjoint(S, m, dS, order, read, q, lam, do, newest_first, k1,
     u, g = scratch[1], scratch[2]
     for i in range(m):
         col = m - 1 - i if newest_first else i
-        w = lam[col] if read else 0.0
+        w = lam[col] if read else lam[col] * 0  # in lam's dtype, so the sweep stays in it
         if backbone1 == GDN:
             gu = column_products(S[i], dS[order[i]], k1, u, g)
             dalpha -= beta1 * gu
