@@ -31,9 +31,9 @@ See docs/testing-your-kernel.md.
 from __future__ import annotations
 
 from .arrays import noncontiguous, to_native, to_numpy, widened, widened_record
-from .backends import (BACKENDS, Candidate, availability, backend_devices, candidate_for,
-                       cuda_available, get_backend, interpret_triton_without_cuda,
-                       reference_candidate)
+from .backends import (BACKENDS, Candidate, availability, backend_devices, backend_dtypes,
+                       candidate_for, cuda_available, get_backend,
+                       interpret_triton_without_cuda, reference_candidate)
 from .cases import NAMED_CASES, Case, CaseSpec, build_case, load_case, random_trace
 from .layers import (Margins, assert_matches_reference, check_apply, check_case,
                      check_decide, check_layout, decision_margins, decision_tolerance,
@@ -46,7 +46,7 @@ from .tolerances import (SCORE_BOUNDS, TOLERANCES, Context, ScoreBound, Toleranc
 
 __all__ = [
     # backends
-    "BACKENDS", "Candidate", "availability", "backend_devices", "candidate_for",
+    "BACKENDS", "Candidate", "availability", "backend_devices", "backend_dtypes", "candidate_for",
     "cuda_available", "get_backend", "interpret_triton_without_cuda", "reference_candidate",
     # arrays
     "noncontiguous", "to_native", "to_numpy", "widened", "widened_record",

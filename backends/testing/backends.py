@@ -26,9 +26,14 @@ import dla_ref
 
 from .. import describe, registry
 
-# The devices an array namespace lives on.
+# The devices an array namespace lives on, and the floating dtypes it has (NumPy and
+# CuPy have no bfloat16, array_api_strict has neither half precision).
 NAMESPACE_DEVICES = {"numpy": ("cpu",), "array_api_strict": ("cpu",), "torch": ("cpu", "cuda"),
                      "cupy": ("cuda",)}
+NAMESPACE_DTYPES = {"numpy": ("float16", "float32", "float64"),
+                    "array_api_strict": ("float32", "float64"),
+                    "torch": ("float16", "bfloat16", "float32", "float64"),
+                    "cupy": ("float16", "float32", "float64")}
 
 
 def backend_table() -> dict[str, tuple[str, str]]:
@@ -52,6 +57,14 @@ def backend_devices(name: str) -> tuple[str, ...]:
     implementation, namespace = BACKENDS[name]
     devices = registry.get(implementation).devices
     return tuple(d for d in NAMESPACE_DEVICES[namespace] if d in devices)
+
+
+def backend_dtypes(name: str) -> tuple[str, ...]:
+    """The input dtypes test backend ``name`` (a BACKENDS key) takes: its implementation's
+    that its namespace has."""
+    implementation, namespace = BACKENDS[name]
+    return tuple(d for d in registry.get(implementation).dtypes
+                 if d in NAMESPACE_DTYPES[namespace])
 
 
 @dataclass(frozen=True)
@@ -101,10 +114,11 @@ def get_backend(name: str) -> Candidate:
     if device not in devices:
         raise ValueError(f"test backend {base!r} runs on {'/'.join(devices)}, not {device!r} "
                          f"(in {name!r})")
-    if dtype and dtype not in impl.dtypes:
-        raise ValueError(f"test backend {base!r} takes {'/'.join(impl.dtypes)}, not {dtype!r} "
+    dtypes = backend_dtypes(base)
+    if dtype and dtype not in dtypes:
+        raise ValueError(f"test backend {base!r} takes {'/'.join(dtypes)}, not {dtype!r} "
                          f"(in {name!r})")
-    dtype = dtype or ("float64" if "float64" in impl.dtypes else "float32")
+    dtype = dtype or ("float64" if "float64" in dtypes else "float32")
     return Candidate(label=f"{base}@{device}:{dtype}", load=impl.load, namespace=namespace,
                      device=device, dtype=dtype, state_dtype=impl.state_dtype_for(dtype),
                      rebuild=f"get_backend({name!r})", implementation=implementation)
