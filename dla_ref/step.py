@@ -156,8 +156,11 @@ def score_terms(xp, ss, SS, sS, size, opts: Options):
                      d^2 SS,        2 d r_A sS,        r_A^2 ss
         where P = ||A||^2 - ||B||^2 = 2 sS + ss and, free of cancellation,
         d = r_A - r_B = -(P / size) r_A^2 r_B^2 / (r_A + r_B)   (d = 0 if not normalize).
+    Rounded scalars can put ||A||^2 = SS + P below 0 where A ~ 0 (a token that cancels
+    the state); P is raised to -SS there, which keeps ||A||^2 >= 0 and d = r_A - r_B.
     """
-    AA = ss if opts.score == "token" else SS + (2 * sS + ss)
+    P = xp.maximum(2 * sS + ss, -SS)
+    AA = ss if opts.score == "token" else SS + P
     if opts.normalize:
         rA, rB = 1 / xp.sqrt(AA / size + opts.eps), 1 / xp.sqrt(SS / size + opts.eps)
     else:
@@ -165,7 +168,7 @@ def score_terms(xp, ss, SS, sS, size, opts: Options):
     den = rB * xp.sqrt(SS) + opts.eps
     if opts.score == "token":
         return rA * rA * ss, -2 * rA * rB * sS, rB * rB * SS, den
-    d = -((2 * sS + ss) / size) * (rA * rA) * (rB * rB) / (rA + rB)
+    d = -(P / size) * (rA * rA) * (rB * rB) / (rA + rB)
     if not opts.normalize:
         d = xp.zeros_like(SS)
     return d * d * SS, 2 * d * rA * sS, rA * rA * ss, den

@@ -233,7 +233,7 @@ def score_from_scalars(ss, SS, sS, size, state_score, normalize, eps):
     Normalized scores are clamped at 2 (docs/spec/information-score.md).
     """
     if state_score:
-        P = 2.0 * sS + ss
+        P = max(2.0 * sS + ss, -SS)  # ||A||^2 = SS + P >= 0 despite rounding
         AA = SS + P
     else:
         AA = ss

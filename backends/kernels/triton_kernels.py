@@ -128,7 +128,7 @@ def information_score(ss, SS, sS, size, eps, score_state, normalize):
         I_t = min(sqrt(max(radicand, 0)) / (r_B ||S_open|| + eps), 2)   (no clamp if not
               normalize)
     """
-    P = 2 * sS + ss
+    P = tl.maximum(2 * sS + ss, -SS)  # ||A||^2 = SS + P >= 0 despite rounding
     AA = tl.where(score_state != 0, SS + P, ss)
     rA = tl.where(normalize != 0, 1.0 / tl.sqrt(AA / size + eps), 1.0)
     rB = tl.where(normalize != 0, 1.0 / tl.sqrt(SS / size + eps), 1.0)
