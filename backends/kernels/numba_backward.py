@@ -159,7 +159,7 @@ def scan_checkpointed(q, k, v, lam, alpha, beta, S, n, info, m, o, scores, bound
         mi = m[i]
         for c in range(ckS.shape[1]):
             t0, t1 = c * C, min(c * C + C, T)
-            ckS[i, c] = S[i]
+            copy_slots(ckS[i, c], S[i], mi)  # the unused slots are never read
             ckm[i, c] = mi
             mi = scan_stream(q[i, t0:t1], k[i, t0:t1], v[i, t0:t1], lam[i, t0:t1],
                              alpha[i, t0:t1], beta[i, t0:t1], S[i], n[i], info[i], mi,
@@ -243,7 +243,7 @@ def final_m(m, boundary, merged, t0, T):
 def clear_slots(dS, m, K):
     """dS_i <- 0 for the unused slots i >= m (they hold no state; see the module notes)."""
     for i in range(m, K):
-        dS[i] = 0.0
+        fill(dS[i], 0.0)
 
 
 # --- the recompute: the chunk's caches, under the trace, in slot order ---------------------
@@ -264,6 +264,14 @@ def copy_slots(Y, X, m):
     """Y_i <- X_i for the m used slots."""
     for i in range(m):
         copy_into(Y[i], X[i])
+
+
+@njit(cache=True)
+def fill(X, value):
+    """X <- value for a C-contiguous X (an explicit loop: numba's slice fill is slower)."""
+    flat = X.reshape(-1)
+    for a in range(flat.size):
+        flat[a] = value
 
 
 @njit(cache=True)
@@ -346,8 +354,8 @@ def read_transition_adjoint(S, m, dS, order, read, q, lam, do, newest_first, k1,
     Returns (d alpha, d beta) of token t+1; writes dq, dlam (token t) and adds to dk1.
     """
     if read:
-        dq[:] = 0.0
-        dlam[:] = 0.0
+        fill(dq, 0.0)
+        fill(dlam, 0.0)
     dalpha, dbeta = 0.0, 0.0
     u, g = scratch[1], scratch[2]
     for i in range(m):
@@ -431,7 +439,7 @@ def write_merge_adjoint(dS, order, m0, m3, k, v, beta, boundary, merged, gdn, dk
     m2 = m0 - (1 if merged >= 0 else 0)
     ds = dS[order[m2 - 1 + (1 if boundary else 0)]]
     Dk, Dv = ds.shape
-    dv[:] = 0.0
+    fill(dv, 0.0)
     dbeta = 0.0
     for a in range(Dk):
         acc = ds[a, 0] * 0
@@ -443,7 +451,7 @@ def write_merge_adjoint(dS, order, m0, m3, k, v, beta, boundary, merged, gdn, dk
     if merged >= 0:
         merge_adjoint(dS, order, merged, m0)
     for i in range(m0, m3):
-        dS[order[i]] = 0.0
+        fill(dS[order[i]], 0.0)
     return dbeta if gdn else 0.0
 
 
