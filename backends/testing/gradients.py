@@ -17,16 +17,16 @@ derivative along a direction that leaves the valid caches).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 
 import dla_ref
 
 from .. import registry
-from .arrays import widened, widened_record
 from .backends import BACKENDS, Candidate, candidate_for
 from .cases import TOKEN_INPUTS, Case
+from .layers import case_from_arrays
 from .tolerances import Context, assert_close, tolerance
 
 
@@ -160,15 +160,3 @@ def assert_grads_match_reference(fn: Callable, q, k, v, lam, *, state_dtype: str
     case = case_from_arrays(q, k, v, lam, options)
     return check_grads(candidate_for(fn, q, state_dtype), case, seed)
 
-
-def case_from_arrays(q, k, v, lam, options: dict) -> Case:
-    """A Case (float64 NumPy) of a caller's arrays and the keyword arguments of dla."""
-    arrays = dict(q=q, k=k, v=v, lam=lam, log_alpha=options.pop("log_alpha", None),
-                  beta=options.pop("beta", None))
-    records = {name: options.pop(name, None) for name in ("trace", "initial_cache")}
-    defaults = {f.name: f.default for f in fields(dla_ref.Options) if f.name != "eps"}
-    if set(options) - set(defaults):
-        raise TypeError(f"unexpected options {sorted(set(options) - set(defaults))}")
-    return Case(**{name: widened(x) for name, x in arrays.items()},
-                options={**defaults, **options}, trace=widened_record(records["trace"]),
-                initial_cache=widened_record(records["initial_cache"]))

@@ -278,13 +278,23 @@ def assert_matches_reference(fn: Callable, q, k, v, lam, *, state_dtype: str | N
     the decide and apply layers (``check_case``) and returns the largest share of a
     tolerance budget used; raises AssertionError with a reproducer on failure.
     """
+    return check_case(candidate_for(fn, q, state_dtype), case_from_arrays(q, k, v, lam, options))
+
+
+def case_from_arrays(q, k, v, lam, options: dict) -> Case:
+    """A Case (float64 NumPy) of a caller's arrays and the keyword arguments of ``dla``.
+
+    log_alpha, beta, trace and initial_cache are taken out of ``options`` (which is
+    consumed); the rest must be options of ``dla_ref.dla`` (TypeError naming the others)
+    and fill in its defaults. What ``assert_matches_reference`` and
+    ``assert_grads_match_reference`` check.
+    """
     arrays = dict(q=q, k=k, v=v, lam=lam, log_alpha=options.pop("log_alpha", None),
                   beta=options.pop("beta", None))
     records = {name: options.pop(name, None) for name in ("trace", "initial_cache")}
     defaults = {f.name: f.default for f in fields(dla_ref.Options) if f.name != "eps"}
     if set(options) - set(defaults):
         raise TypeError(f"unexpected options {sorted(set(options) - set(defaults))}")
-    case = Case(**{name: widened(x) for name, x in arrays.items()},
+    return Case(**{name: widened(x) for name, x in arrays.items()},
                 options={**defaults, **options}, trace=widened_record(records["trace"]),
                 initial_cache=widened_record(records["initial_cache"]))
-    return check_case(candidate_for(fn, q, state_dtype), case)
