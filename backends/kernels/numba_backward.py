@@ -34,7 +34,6 @@ Versions (the shipped one is the tested one):
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import array_api_compat.numpy as xp_numpy
@@ -44,7 +43,7 @@ from numba import njit, prange
 from dla_ref.records import Result
 from dla_ref.recurrent import from_streams
 from dla_ref.validation import check_float_array
-from dla_ref.vjp import Gradients
+from dla_ref.vjp import Gradients, checkpoint_interval
 
 from .. import host
 from .numba_scan import (BACKBONE_CODE, GDN, LINEAR, MAMBA2, copy_into, put_in_slot_order,
@@ -134,15 +133,6 @@ def vjp(q, k, v, lam, do, *, trace, dcache=None, checkpoint=None, **options) -> 
                          "trace (pass dla(...).trace)")
     _, saved = forward(q, k, v, lam, trace=trace, checkpoint=checkpoint, **options)
     return backward(saved, do, dcache)
-
-
-def checkpoint_interval(T, checkpoint):
-    """C: the given interval, or ceil(sqrt(T)) (T/C checkpoints, C + 1 recomputed caches)."""
-    if checkpoint is None:
-        return max(1, math.isqrt(T - 1) + 1)
-    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 1:
-        raise ValueError(f"checkpoint must be an int >= 1, got {checkpoint!r}")
-    return checkpoint
 
 
 # --- forward: numba_scan's scan, C tokens at a time ------------------------------------
