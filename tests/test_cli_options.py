@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dla_backends.cli import attach_negative_values, build_parser, main
+from dla_backends.cli import attach_negative_values, build_parser, is_number, main
 
 
 def dla(*args, timeout=300):
@@ -174,9 +174,3 @@ def test_any_tau_but_nan_is_accepted_as_written(tau):
     assert args.tau == tau or (math.isinf(tau) and args.tau == tau)
 
 
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
