@@ -9,7 +9,9 @@ Each case is one uncompressed .npz file (a zip of .npy arrays: little-endian, C 
 in backends/testing/golden/, and manifest.json describes them all: options, dimensions, and
 per array its dtype, shape, SHA-256 of the raw bytes and the byte offset of those bytes
 inside the .npz, so that a C++/CUDA test can read an array with one seek and one read.
-docs/golden-vectors.md documents the layout.
+Besides the forward pass, each case holds its gradient: seeded adjoints of the outputs
+(do, dcache) among the inputs, and ``dla_ref.vjp``'s gradients under the case's own trace
+among the outputs (docs/spec/gradient.md). docs/golden-vectors.md documents the layout.
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ GOLDEN_CASES = {
     "mamba2-single-state": CaseSpec(T=8, capacity=1, backbone="mamba2", seed=108, **SHAPE),
 }
 
-# Array names in the files: the inputs of dla_ref.dla, then what it returns.
+# Array names in the files: the inputs of dla_ref.dla, then what it returns; the adjoints
+# of its outputs (inputs of dla_ref.vjp), then the gradients vjp returns.
 INPUTS = ("q", "k", "v", "lam", "log_alpha", "beta", "forced_boundary", "forced_merged",
           "initial_S", "initial_n", "initial_info", "initial_m")
 OUTPUTS = ("o", "S", "n", "info", "m", "scores", "boundary", "merged")
+ADJOINTS = ("do", "dcache")
+GRADIENTS = dla_ref.Gradients._fields  # dq, dk, dv, dlam, dlog_alpha, dbeta, dinitial_S
 LITTLE_ENDIAN = {"float64": "<f8", "int64": "<i8", "bool": "|b1"}
 
 
@@ -76,6 +81,27 @@ def case_arrays(case: Case) -> dict[str, np.ndarray]:
 def result_arrays(result: dla_ref.Result) -> dict[str, np.ndarray]:
     """A Result under the names of OUTPUTS."""
     return dict(o=result.o, **result.cache._asdict(), **result.trace._asdict())
+
+
+def adjoints(case: Case, seed: int) -> dict[str, np.ndarray]:
+    """Seeded standard-normal adjoints of the outputs: do [B, T, H, Dv] of o, and dcache
+    [B, H, K, Dk, Dv] of the final cache's S, from a stream of the case's seed apart from
+    its inputs' (``np.random.default_rng([seed, 1])``)."""
+    rng = np.random.default_rng([seed, 1])
+    B, T, H, Dk = case.q.shape
+    K, Dv = case.options["capacity"], case.v.shape[3]
+    return dict(do=rng.standard_normal((B, T, H, Dv)),
+                dcache=rng.standard_normal((B, H, K, Dk, Dv)))
+
+
+def gradient_arrays(case: Case, trace: dla_ref.Trace, adjoint: dict) -> dict[str, np.ndarray]:
+    """``dla_ref.vjp`` of the case under ``trace`` for the adjoints, under the names of
+    GRADIENTS; absent ones left out (dlog_alpha for linear, dbeta unless gdn, dinitial_S
+    without an initial cache)."""
+    grads = dla_ref.vjp(**{**case.arguments(), "trace": trace}, **adjoint)._asdict()
+    if case.initial_cache is None:
+        grads["dinitial_S"] = None
+    return {name: x for name, x in grads.items() if x is not None}
 
 
 def canonical(x) -> np.ndarray:
@@ -138,9 +164,11 @@ def write(directory: Path = DIRECTORY) -> dict:
         case = build_case(spec)
         if not math.isfinite(case.options["tau"]):
             raise ValueError(f"golden case {name}: tau must be finite (JSON has no inf)")
-        inputs = {k: canonical(x) for k, x in case_arrays(case).items()}
+        adjoint = adjoints(case, spec.seed)
         result = dla_ref.dla(**case.arguments())
-        outputs = {k: canonical(x) for k, x in result_arrays(result).items()}
+        inputs = {k: canonical(x) for k, x in {**case_arrays(case), **adjoint}.items()}
+        outputs = {k: canonical(x) for k, x in {
+            **result_arrays(result), **gradient_arrays(case, result.trace, adjoint)}.items()}
         path = directory / f"{name}.npz"
         save_npz(path, {**inputs, **outputs})
         offsets = data_offsets(path)
@@ -162,7 +190,8 @@ def read_manifest(directory: Path = DIRECTORY) -> dict:
 
 
 def read_case(name: str, directory: Path = DIRECTORY) -> tuple[Case, dict[str, np.ndarray]]:
-    """A stored case as (Case, its stored outputs by the names of OUTPUTS)."""
+    """A stored case as (Case, the rest of its arrays by name): the adjoints (ADJOINTS)
+    and every output (OUTPUTS, then GRADIENTS)."""
     entry = read_manifest(directory)["cases"][name]
     with np.load(directory / entry["file"]) as data:
         arrays = {k: data[k] for k in data.files}
@@ -175,7 +204,8 @@ def read_case(name: str, directory: Path = DIRECTORY) -> tuple[Case, dict[str, n
     case = Case(**{k: arrays.get(k) for k in ("q", "k", "v", "lam", "log_alpha", "beta")},
                 options={k: v for k, v in entry["options"].items() if k != "eps"},
                 trace=trace, initial_cache=cache)
-    return case, {k: arrays[k] for k in entry["outputs"]}
+    rest = [k for k in ADJOINTS if k in arrays] + list(entry["outputs"])
+    return case, {k: arrays[k] for k in rest}
 
 
 def checksum_problems(name: str, directory: Path = DIRECTORY) -> list[str]:
@@ -210,16 +240,28 @@ def checksum_problems(name: str, directory: Path = DIRECTORY) -> list[str]:
 def drift(name: str, directory: Path = DIRECTORY, rtol: float = 1e-10) -> list[str]:
     """How the reference today differs from a stored case (empty: it does not).
 
-    Regenerates the inputs from the case's spec (values exactly, an initial cache,
-    itself computed by the reference, within rtol) and reruns ``dla_ref.dla`` on the
-    stored inputs: floats must agree within rtol * max|stored| (BLAS may round
-    differently across machines), integers and booleans exactly.
+    Regenerates the inputs and adjoints from the case's spec (values exactly, an initial
+    cache, itself computed by the reference, within rtol), reruns ``dla_ref.dla`` on the
+    stored inputs, and ``dla_ref.vjp`` on them and the stored adjoints under the stored
+    trace: floats must agree within rtol * max|stored| (BLAS may round differently
+    across machines), integers and booleans exactly.
     """
     case, stored = read_case(name, directory)
-    fresh = case_arrays(build_case(GOLDEN_CASES[name]))
-    problems = compare(f"{name} (inputs from its spec)", fresh, case_arrays(case), rtol)
+    spec = GOLDEN_CASES[name]
+    built = build_case(spec)
+    fresh = {**case_arrays(built), **adjoints(built, spec.seed)}
+    given = {**case_arrays(case), **pick(stored, ADJOINTS)}
+    problems = compare(f"{name} (inputs from its spec)", fresh, given, rtol)
     outputs = result_arrays(dla_ref.dla(**case.arguments()))
-    return problems + compare(f"{name} (outputs)", outputs, stored, rtol)
+    problems += compare(f"{name} (outputs)", outputs, pick(stored, OUTPUTS), rtol)
+    trace = dla_ref.Trace(*(stored[f] for f in dla_ref.Trace._fields))
+    grads = gradient_arrays(case, trace, pick(stored, ADJOINTS))
+    return problems + compare(f"{name} (gradients)", grads, pick(stored, GRADIENTS), rtol)
+
+
+def pick(arrays: dict, names: tuple[str, ...]) -> dict:
+    """The entries of ``arrays`` under ``names`` (those present)."""
+    return {name: arrays[name] for name in names if name in arrays}
 
 
 def compare(label: str, got: dict, want: dict, rtol: float) -> list[str]:
