@@ -87,10 +87,11 @@ def test_float32_reference_passes_and_agrees_away_from_ties(spec):
 
 def test_the_documented_examples_run():
     """docs/testing-your-kernel.md's Python blocks run as written: one call of
-    assert_matches_reference, then its Hypothesis test of a float32 stand-in kernel."""
+    assert_matches_reference, its Hypothesis test of a float32 stand-in kernel, and
+    assert_grads_match_reference on a stand-in backward."""
     doc = Path(__file__).parents[1] / "docs" / "testing-your-kernel.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) == 2, "the page's examples changed: update this test"
+    assert len(blocks) == 3, "the page's examples changed: update this test"
     # a name that is no file: the joined blocks have line numbers of their own
     exec(compile("\n".join(blocks), f"<{doc.name}>", "exec"), {"__name__": "docs_example"})
 

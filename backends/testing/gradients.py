@@ -34,7 +34,8 @@ class GradientContext(Context):
     """A failure of the gradient layer: its reproducer reruns ``check_grads``."""
 
     def reproducer(self) -> str:
-        return super().reproducer().replace("check_case(", "check_grads(")
+        return (super().reproducer().replace("check_case(", "check_grads(")
+                .replace("runs it and dla_ref.dla", "runs its backward and dla_ref.vjp"))
 
 
 def gradient_backends() -> tuple[str, ...]:
