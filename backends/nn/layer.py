@@ -41,7 +41,8 @@ CORES = ("auto", "masked", "scan")
 class LayerCache:
     """What a layer carries from one call to the next when decoding.
 
-    state: the DLA cache (dla_ref.Cache [B, H, ...]) for dla, fixed and single;
+    state: for dla, the decoding sessions [(heads, dla_backends.Decoder)]; for fixed and
+    single, the DLA cache (dla_ref.Cache [B, H, ...]);
     history: for loglinear, the projected (q, k, v, lam, log_alpha) of every token so far
     (Log-Linear's levels are recomputed from it: O(T) per decoded token);
     seen: tokens consumed so far; chunk: the fixed policy's C;
@@ -282,6 +283,17 @@ class DLAAttention(nn.Module):
                                           tau=tau, initial_cache=part_cache, **common))
         return concat_heads(parts)
 
+    def decoders(self):
+        """[(heads, dla_backends.Decoder)]: one session for all heads if they share tau,
+        else one per head (a session has one tau)."""
+        from dla_backends import Decoder
+
+        taus = [float(t) for t in self.tau.detach()]
+        groups = [slice(None)] if len(set(taus)) == 1 else [slice(h, h + 1)
+                                                            for h in range(len(taus))]
+        return [(heads, Decoder(capacity=self.capacity, tau=taus[heads][0],
+                                backbone=self.backbone)) for heads in groups]
+
     @torch.no_grad()
     def decode(self, q, k, v, lam, log_alpha, beta, cache: LayerCache):
         """Continue the memory in ``cache`` over these tokens.   -> (o, new cache)"""
@@ -293,8 +305,10 @@ class DLAAttention(nn.Module):
             o = self.mix(*history)[:, -T:]
             return o, LayerCache(history=history, seen=cache.seen + T)
         if self.policy == "dla":
-            result = self.scan_per_tau(k, v, lam, log_alpha, beta, cache.state, q=q)
-            return result.o.to(q.dtype), LayerCache(state=result.cache, seen=cache.seen + T)
+            sessions = cache.state or self.decoders()
+            o = torch.cat([decode_heads(decoder, heads, q, k, v, lam, log_alpha, beta)
+                           for heads, decoder in sessions], dim=2)
+            return o.to(q.dtype), LayerCache(state=sessions, seen=cache.seen + T)
         K = 1 if self.policy == "single" else self.capacity
         chunk = cache.chunk or self.chunk or math.ceil(T / K)
         if self.policy == "single":
@@ -303,6 +317,16 @@ class DLAAttention(nn.Module):
                                log_alpha=log_alpha, beta=beta, capacity=K,
                                initial_cache=cache.state, dtype=q.dtype)
         return result.o, LayerCache(state=result.cache, seen=cache.seen + T, chunk=chunk)
+
+
+def decode_heads(decoder, heads, q, k, v, lam, log_alpha, beta):
+    """The decoding session of some heads over T tokens: a prefill, or a step when T = 1.
+    -> o [B, T, h, Dv]"""
+    pick = [None if a is None else a[:, :, heads] for a in (q, k, v, lam, log_alpha, beta)]
+    if q.shape[1] > 1:
+        return decoder.prefill(*pick[:4], log_alpha=pick[4], beta=pick[5])
+    one = [None if a is None else a[:, 0] for a in pick]
+    return decoder.step(*one[:4], log_alpha=one[4], beta=one[5])[:, None]
 
 
 def concat_heads(parts):
