@@ -206,8 +206,7 @@ class DLAAttention(nn.Module):
             boundary, merged = F.fixed_trace(B * H, T, chunk)
             return (boundary.reshape(B, H, T).transpose(0, 2, 1),
                     merged.reshape(B, H, T).transpose(0, 2, 1))
-        trace = self.scan_per_tau(*inputs, initial_cache=None).trace
-        return np.asarray(trace.boundary), np.asarray(trace.merged)
+        return self.decide_per_tau(*inputs)
 
     def run_core(self, q, k, v, lam, log_alpha, beta, slot, trace):
         """o [B, T, H, Dv] under a partition: slot [B, H, T, T] (or [T, T]) of every pair."""
@@ -259,40 +258,37 @@ class DLAAttention(nn.Module):
 
     # --- decisions and decoding without gradient -----------------------------------------
 
-    def scan_per_tau(self, k, v, lam, log_alpha, beta, initial_cache, q=None):
-        """``dla_backends.dla`` over heads grouped by their tau (one call if all agree).
+    def decide_per_tau(self, k, v, lam, log_alpha, beta):
+        """The dla policy's trace, heads grouped by their tau (one call if all agree).
 
-        NumPy or torch inputs [B, T, H, ...]; returns a Result whose fields are
-        concatenated over heads (NumPy inputs run on the compiled Numba scan).
+        NumPy inputs [B, T, H, ...] (so ``dla_backends.dla`` runs the compiled Numba
+        scan). -> (boundary [B, T, H] bool, merged [B, T, H] int64)
         """
         import dla_backends
 
-        taus = [float(t) for t in self.tau.detach()]
-        q = np.zeros_like(k) if q is None else q
-        common = dict(backbone=self.backbone, capacity=self.capacity)
-        if len(set(taus)) == 1:
-            return dla_backends.dla(q, k, v, lam, log_alpha=log_alpha, beta=beta,
-                                    tau=taus[0], initial_cache=initial_cache, **common)
-        parts = []
-        for h, tau in enumerate(taus):
-            head = [None if a is None else a[:, :, h:h + 1]
-                    for a in (q, k, v, lam, log_alpha, beta)]
-            part_cache = None if initial_cache is None else dla_ref.Cache(
-                *(x[:, h:h + 1] for x in initial_cache))
-            parts.append(dla_backends.dla(*head[:4], log_alpha=head[4], beta=head[5],
-                                          tau=tau, initial_cache=part_cache, **common))
-        return concat_heads(parts)
+        traces = []
+        for heads, tau in self.tau_groups():
+            pick = [None if a is None else a[:, :, heads] for a in (k, v, lam, log_alpha, beta)]
+            traces.append(dla_backends.dla(np.zeros_like(pick[0]), *pick[:3], log_alpha=pick[3],
+                                           beta=pick[4], tau=tau, backbone=self.backbone,
+                                           capacity=self.capacity).trace)
+        return tuple(np.concatenate([np.asarray(getattr(t, field)) for t in traces], axis=2)
+                     for field in ("boundary", "merged"))
 
     def decoders(self):
         """[(heads, dla_backends.Decoder)]: one session for all heads if they share tau,
         else one per head (a session has one tau)."""
         from dla_backends import Decoder
 
+        return [(heads, Decoder(capacity=self.capacity, tau=tau, backbone=self.backbone))
+                for heads, tau in self.tau_groups()]
+
+    def tau_groups(self):
+        """[(heads, tau)]: all heads at once if they share tau, else head by head."""
         taus = [float(t) for t in self.tau.detach()]
-        groups = [slice(None)] if len(set(taus)) == 1 else [slice(h, h + 1)
-                                                            for h in range(len(taus))]
-        return [(heads, Decoder(capacity=self.capacity, tau=taus[heads][0],
-                                backbone=self.backbone)) for heads in groups]
+        if len(set(taus)) == 1:
+            return [(slice(None), taus[0])]
+        return [(slice(h, h + 1), tau) for h, tau in enumerate(taus)]
 
     @torch.no_grad()
     def decode(self, q, k, v, lam, log_alpha, beta, cache: LayerCache):
@@ -327,16 +323,6 @@ def decode_heads(decoder, heads, q, k, v, lam, log_alpha, beta):
         return decoder.prefill(*pick[:4], log_alpha=pick[4], beta=pick[5])
     one = [None if a is None else a[:, 0] for a in pick]
     return decoder.step(*one[:4], log_alpha=one[4], beta=one[5])[:, None]
-
-
-def concat_heads(parts):
-    """Results of single-head calls -> one Result with the heads concatenated."""
-    cat = np.concatenate if isinstance(parts[0].o, np.ndarray) else torch.cat
-    field = lambda get, axis: cat([get(p) for p in parts], axis)  # noqa: E731
-    return dla_ref.Result(
-        o=field(lambda p: p.o, 2),
-        cache=dla_ref.Cache(*(field(lambda p, i=i: p.cache[i], 1) for i in range(4))),
-        trace=dla_ref.Trace(*(field(lambda p, i=i: p.trace[i], 2) for i in range(3))))
 
 
 def check_levels(T, capacity):
