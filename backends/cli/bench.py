@@ -50,6 +50,8 @@ WORKLOADS = {
     "prefill-linear": Workload(2, 8, 4096, 64, 30, "linear"),
     "gdn": Workload(1, 4, 1024, 64, 30, "gdn"),
     "train-mamba2": Workload(2, 8, 4096, 64, 30, "mamba2", train=True),
+    # the shape a small training run uses (the gradient issue's target is stated there)
+    "train-small": Workload(4, 2, 256, 32, 8, "mamba2", train=True),
 }
 TAU = 0.6
 ESSENTIAL_CHUNK = 64
