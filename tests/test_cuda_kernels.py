@@ -10,7 +10,7 @@ on a GPU the kernel itself does.
 (c) the CuPy kernel (dla_backends.kernels.cupy_kernels) against dla_ref and against the model,
     skipped with the reason where CuPy or a CUDA device is missing.
 
-Values are judged by dla_backends.testing (both layers of SPEC §4 and its tolerance
+Values are judged by dla_backends.testing (both layers of docs/spec/trace.md and its tolerance
 table), with the float64 reference as the expected side. The general differential suite
 (tests/test_differential.py) runs "cuda-model" and "cupy" on drawn cases as well.
 """
@@ -130,7 +130,7 @@ def test_a_warp_reads_a_row_contiguously():
 @pytest.mark.parametrize("Dk, Dv", list(REGIMES), ids=list(REGIMES.values()))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_model_matches_reference(Dk, Dv, backbone, dtype):
-    """Own trace admissible, and the reference under that trace agrees (SPEC §4)."""
+    """Own trace admissible, and the reference under that trace agrees (docs/spec/trace.md)."""
     K = 3
     args = inputs(np.random.default_rng(Dk * 1000 + Dv), 2, 10, 2, Dk, Dv, K, backbone)
     assert_matches_reference(cuda_model.dla, **cast(args, dtype), state_dtype=dtype,

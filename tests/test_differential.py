@@ -1,4 +1,4 @@
-"""The differential suite: every backend against the reference, both layers of SPEC §4.
+"""The differential suite: every backend against the reference, both layers of docs/spec/trace.md.
 
 Written once against the ``backend`` fixture (tests/conftest.py, DLA_BACKENDS). Each
 case runs the backend, then ``check_case`` checks its layout, its decisions (layer 1:
@@ -66,7 +66,7 @@ def test_float32_reference_passes_and_agrees_away_from_ties(spec):
     - passes the float32 row of the tolerance table on drawn cases, its decisions at
       ties included (the table is not too tight);
     - decides as the float64 reference does in every stream up to its first decision
-      that is not clear (SPEC §4: "away from ties the traces are equal"), which
+      that is not clear (docs/spec/trace.md: "away from ties the traces are equal"), which
       check_decide leaves to admissibility, since admissibility implies it.
     """
     float32 = reference_candidate("float32")

@@ -23,7 +23,7 @@ numba_scan = pytest.importorskip("dla_backends.kernels.numba_scan")
 # Errors are measured relative to the reference's largest magnitude (states grow with T).
 # float64 keeps ~1e-16 per operation; float32 ~6e-8, over a few dozen tokens.
 AGREEMENT_TOL = {np.float32: 1e-5, np.float64: 1e-11}
-# Admissibility (SPEC §4): how far from tau, or from the least density, a decision of
+# Admissibility (docs/spec/trace.md): how far from tau, or from the least density, a decision of
 # this dtype may legitimately land on the wrong side.
 DECISION_TOL = {np.float32: 1e-5, np.float64: 1e-9}
 

@@ -3,7 +3,7 @@
 Each sabotaged backend is the reference with one function of ``dla_ref.step`` swapped
 for a broken copy while it runs (the checking side keeps the real reference), or a
 wrapper that mishandles the contract. Each is run on a case where its bug changes the
-result, and the layer that must catch it (decide or apply, SPEC §4) is named. The same
+result, and the layer that must catch it (decide or apply, docs/spec/trace.md) is named. The same
 cases pass with the reference unbroken, so what fails is the sabotage, not the case.
 """
 

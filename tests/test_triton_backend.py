@@ -6,7 +6,7 @@ backend-independent check. Here: forced traces, the decode kernel against the pr
 kernel, several column blocks per stream (the duplicated decision) and the GPU's slot
 tiling, odd head sizes, K = 1, tau = +-inf, an initial cache, half-precision inputs and
 the errors. The expected side is dla_ref (float64) through dla_backends.testing's
-check_case (both layers of SPEC §4, with its tolerance table), or, for decode against
+check_case (both layers of docs/spec/trace.md, with its tolerance table), or, for decode against
 prefill, the other kernel.
 
 On CUDA the kernels are compiled; without CUDA they run under TRITON_INTERPRET=1 on CPU

@@ -13,7 +13,7 @@ that holds token s at time t]. At the lengths a CPU trains on (T <= 1024) this i
 batched matrix products per layer, which autograd differentiates at the cost of a few
 more; every policy (dla, fixed, loglinear, single) is the same product with a different
 slot map, so the four models differ only in that map. The map comes from the trace, which
-a no-grad scan decides (``dla_backends.dla``); decisions carry no gradient (SPEC of
+a no-grad scan decides (``dla_backends.dla``); decisions carry no gradient (see
 docs/spec/trace.md), except through the straight-through gate below.
 """
 

@@ -1,4 +1,4 @@
-"""Differential testing of DLA implementations against the reference (SPEC §4).
+"""Differential testing of DLA implementations against the reference (docs/spec/trace.md).
 
 What a kernel engineer uses to check an implementation of ``dla_ref.dla``:
 
@@ -15,7 +15,7 @@ from, one module per idea:
   named regression cases;
 - ``tolerances``: the one tolerance table and ``assert_close``, which prints the error,
   where, the share of the budget used and a reproducer;
-- ``layers``: ``check_decide`` and ``check_apply`` (the two layers of SPEC §4),
+- ``layers``: ``check_decide`` and ``check_apply`` (the two layers of docs/spec/trace.md),
   ``check_case`` and ``assert_matches_reference``;
 - ``gradients``: ``check_grads`` and ``assert_grads_match_reference``, a backward pass
   against ``dla_ref.vjp`` under the reference's trace;

@@ -1,4 +1,4 @@
-"""The two layers of SPEC §4 and the calls that run them.
+"""The two layers of docs/spec/trace.md and the calls that run them.
 
 ``check_decide`` (layer 1): the candidate's trace fits the cache and is admissible, which
 makes it equal to the reference's away from ties, and obeys the rule no rounding can
@@ -135,14 +135,14 @@ def second_gap(density: np.ndarray) -> np.ndarray:
 
 
 def check_decide(candidate: Candidate, case: Case, got: dla_ref.Result) -> None:
-    """Layer 1 of SPEC §4: the candidate's decisions (``case`` as given to it).
+    """Layer 1 of docs/spec/trace.md: the candidate's decisions (``case`` as given to it).
 
     - A forced trace: the returned boundary and merged equal it.
     - Otherwise: the trace fits the cache and is admissible (``dla_ref.check_trace``),
       and the rules no rounding can change hold exactly (``check_exact_rules``).
 
-    Admissibility implies SPEC §4's "away from ties the traces are equal": up to the
-    first decision where the two differ, the replay runs through the reference's own
+    Admissibility implies docs/spec/trace.md's "away from ties the traces are equal": up
+    to the first decision where the two differ, the replay runs through the reference's own
     states, so there the candidate's decision is admissible only if the reference's
     score lies within the tolerance of tau (or its two least dense pairs within it of
     each other), i.e. only where ``decision_margins`` says the decision is not clear.
@@ -224,7 +224,7 @@ def candidate_tolerance(candidate: Candidate, got: dla_ref.Result) -> Tolerance:
 
 
 def check_apply(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
-    """Layer 2 of SPEC §4: under the candidate's own trace, the reference agrees.
+    """Layer 2 of docs/spec/trace.md: under the candidate's own trace, the reference agrees.
 
     Replays the candidate's trace (boundary, merged) through ``dla_ref.dla`` on the
     same inputs and compares: o and cache.S within the values tolerance; trace
