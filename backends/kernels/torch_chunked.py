@@ -5,23 +5,23 @@ Torch tensors on CPU or CUDA; the keywords and result of ``dla_ref.dla``, plus `
 per token, so the open state's norm is no function of the chunk's Gram matrix. Each
 stream's tokens are cut into chunks of C, taken in blocks of about BLOCK_TOKENS tokens:
 
-1. decide (host, NumPy, float64): each token's score from three scalars (the chunk's
-   decayed Gram matrix and the carried open state), boundary to boundary, and the
-   boundary tokens through the reference's own rules (``dla_ref.step``);
+1. decide (host, float64, compiled by Numba: ``chunked_decisions``): each token's score
+   from three scalars (the chunk's decayed Gram matrix and the carried open state), each
+   stream token by token, by the reference's rules (``dla_ref.step``);
 2. apply (device, torch): each chunk's outputs as the masked C x C product of its own
    tokens plus one [C, K Dk] x [K Dk, Dv] product against the K states at its start,
    then the states moved to the chunk's end (paged slots: a merge adds one state).
 
 Versions: v1, both phases per chunk, phase 1 reading the open state from phase 2's
 float32 states (no longer in the tree); v2 (shipped, tested), phase 1 carries its own
-float64 open state, so the token-only work runs batched over a block of chunks.
+float64 open state, so the token-only work runs batched over a block of chunks; v3,
+phase 1's per-token walk compiled (it ran as NumPy operations over all streams at once).
 Derivations: proofs/chunked_prefill.md; design notes and memory: docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,15 +29,14 @@ from array_api_compat import array_namespace
 
 from dla_backends import host, registry
 from dla_backends.host import to_host
+from dla_backends.kernels import chunked_decisions
 from dla_ref.fenwick import fenwick_levels, level
 from dla_ref.recurrent import from_streams, to_streams, tokens_to_streams
-from dla_ref.step import (absorb_zero_contributions, information_score_from_scalars,
-                          is_boundary, merge_adjacent, merge_choice, slot_weights, write_token)
+from dla_ref.step import slot_weights
 from dla_ref.validation import broadcast_lam, check_inputs, inputs_namespace
 
 DEFAULT_CHUNK = 64
 BLOCK_TOKENS = 1024
-npx = host.npx  # NumPy as the reference's code expects it
 
 
 def dla(q, k, v, lam=None, *, chunk=DEFAULT_CHUNK, **options):
@@ -355,172 +354,19 @@ class ChunkDecisions(NamedTuple):
 
 
 def decide_chunk(x: ChunkScalars, carry: Carry, opts, size, forced=None):
-    """DLA's decisions for one chunk, boundary to boundary.   -> (Carry, ChunkDecisions)
+    """DLA's decisions for one chunk.   -> (Carry, ChunkDecisions)
 
     x: the chunk's scalars; carry: (m, n, J) at the chunk start; size = Dk * Dv;
     forced: (boundary [N, C], merged [N, C]) of a forced trace, or None.
 
-    Each round, every stream that has tokens left assumes its open slot goes on
-    absorbing: its scores up to the chunk's end follow in closed form
-    (``scores_while_absorbing``); its first token that opens a slot (I_t >= tau, an
-    empty cache, or the forced trace's boundary) ends the round. The tokens before
-    it are absorbed (J_{m-1} += I_t in token order, as the reference adds), and that
-    token is decided by the reference's functions: ``merge_choice`` (or the forced
-    index), ``merge_adjacent``, ``write_token``. It is the open slot's first token
-    in the next round. Rounds per chunk: 1 + the most boundaries any stream has in it.
+    Each stream walks its tokens in order in compiled code (``chunked_decisions``, which
+    states the equations; plain Python where numba is missing): a token's score from the
+    three scalars of the open slot, the boundary by the reference's rules (or the forced
+    trace), J_{m-1} += I_t for an absorbed token, a merge of the least dense pair (or the
+    forced index) before a token opens a slot in a full cache.
     """
-    walk = Walk.start(x, carry, opts.capacity)
-    while True:
-        score, live, nxt = scores_to_next_boundary(x, walk, opts, size, forced)  # 1.
-        absorb_before(walk, score, live, nxt)  # 2.
-        at = nxt < walk.C
-        if not at.any():
-            break
-        open_slot(walk, x, score, np.minimum(nxt, walk.C - 1), at, forced, opts.capacity)  # 3.
-    return Carry(walk.m, walk.n, walk.info), walk.decisions()  # 4.
-
-
-@dataclass
-class Walk:
-    """Phase 1's state inside one chunk (host; N streams, C tokens, K slots), updated by
-    the rounds of ``decide_chunk``.
-
-    m0 [N], and m [N], n, info [N, K]: the slots in use at the chunk start; the counts
-        after the decided tokens
-    items [N, K]   items per slot (a chunk-start slot is one item, a token another)
-    holds_start [N] the open slot still holds the chunk-start open state, else
-    first [N]      its first chunk token
-    open_norm [N]  ||S_open||^2 after token p - 1
-    p [N]          the first undecided token (C: none left)
-    scores, boundary, merges [N, C]: the chunk's trace so far
-    partitions     (m, first_items) after each round: the partition changes only at a
-                   boundary, and the r-th boundary of a stream in this chunk happens in
-                   round r and starts its partition r + 1
-    """
-
-    C: int
-    m0: np.ndarray
-    m: np.ndarray
-    n: np.ndarray
-    info: np.ndarray
-    items: np.ndarray
-    holds_start: np.ndarray
-    first: np.ndarray
-    open_norm: np.ndarray
-    p: np.ndarray
-    scores: np.ndarray
-    boundary: np.ndarray
-    merges: np.ndarray
-    partitions: list
-
-    @classmethod
-    def start(cls, x: ChunkScalars, carry: Carry, K: int) -> Walk:
-        """0. Before the chunk's first token."""
-        N, C = x.token_norm.shape
-        m = carry.m.copy()
-        items = (np.arange(K)[None, :] < m[:, None]).astype(np.int64)  # one per start slot
-        return cls(C, m.copy(), m, carry.n.copy(), carry.info.copy(), items, m > 0,
-                   np.zeros(N, dtype=np.int64), x.start_norm.copy(), np.zeros(N, dtype=np.int64),
-                   np.zeros((N, C)), np.zeros((N, C), dtype=bool),
-                   np.full((N, C), -1, dtype=np.int64), [(m, first_items(items, m, m, K, C))])
-
-    def decisions(self) -> ChunkDecisions:
-        """4. The chunk's ``ChunkDecisions``: each token reads the partition of its round."""
-        which = np.cumsum(self.boundary, axis=1)  # [N, C]
-        used = np.stack([u for u, _ in self.partitions], axis=1)  # [N, R, ...]
-        starts = np.stack([f for _, f in self.partitions], axis=1)
-        return ChunkDecisions(self.scores, self.boundary, self.merges,
-                              np.take_along_axis(used, which, axis=1),
-                              np.take_along_axis(starts, which[..., None], axis=1),
-                              np.where(self.holds_start, -1, self.first))
-
-
-def scores_to_next_boundary(x: ChunkScalars, walk: Walk, opts, size, forced):
-    """1. The scores of the undecided ("live") tokens while the open slot absorbs, and
-    each stream's next boundary (C: none).   -> (score [N, C], live [N, C], nxt [N])"""
-    cols = np.arange(walk.C)
-    live = cols[None, :] >= walk.p[:, None]
-    score = scores_while_absorbing(x, walk.p, walk.holds_start, walk.first, walk.open_norm,
-                                   live, opts, size)
-    # I := 0 at an empty cache and for a zero contribution, which DLA absorbs
-    score = np.where((walk.m[:, None] > 0) & ~x.silent, score, 0.0)
-    opens = forced[0] if forced is not None else absorb_zero_contributions(
-        npx, is_boundary(npx, score, walk.m[:, None], opts), walk.m[:, None], x.silent)
-    opens = opens & live
-    nxt = np.where(opens.any(axis=1), np.argmax(opens, axis=1), walk.C)
-    walk.scores = np.where(live & (cols[None, :] <= nxt[:, None]), score, walk.scores)
-    return score, live, nxt
-
-
-def absorb_before(walk: Walk, score, live, nxt):
-    """2. The live tokens before each stream's boundary join its open slot: J_{m-1} += I_t
-    in token order (the reference's sum; adding 0.0 is exact), n and items += their count.
-    Streams with m = 0 absorb nothing."""
-    rows, cols = np.arange(len(nxt)), np.arange(walk.C)
-    absorbed = live & (cols[None, :] < nxt[:, None])
-    last = np.maximum(walk.m - 1, 0)
-    sums = np.cumsum(np.concatenate([walk.info[rows, last][:, None],
-                                     np.where(absorbed, score, 0.0)], axis=1), axis=1)
-    walk.info[rows, last] = sums[:, -1]
-    walk.n[rows, last] += absorbed.sum(axis=1)
-    walk.items[rows, last] += absorbed.sum(axis=1)
-
-
-def open_slot(walk: Walk, x: ChunkScalars, score, j, at, forced, K):
-    """3. Token j[n] opens a slot in the streams ``at``: the reference's ``merge_choice``
-    (or the forced index), ``merge_adjacent`` and ``write_token`` on the counts; the
-    token is the open slot's first from now on."""
-    rows = np.arange(len(j))
-    if forced is not None:
-        merged = np.where(at, forced[1][rows, j], -1)
-    else:
-        merged = merge_choice(npx, walk.n, walk.info, walk.m, at, K)
-    if (merged >= 0).any():  # merge_adjacent with j = -1 everywhere is the identity
-        walk.n, walk.items, walk.info = (merge_adjacent(npx, y, merged)
-                                         for y in (walk.n, walk.items, walk.info))
-        walk.m = walk.m - (merged >= 0)
-    one = at.astype(np.int64)
-    walk.n = write_token(npx, walk.n, walk.m, at, one)
-    walk.items = write_token(npx, walk.items, walk.m, at, one)
-    walk.info = write_token(npx, walk.info, walk.m, at, np.where(at, score[rows, j], 0.0))
-    walk.m = walk.m + at
-    walk.boundary[rows[at], j[at]] = True
-    walk.merges[rows[at], j[at]] = merged[at]
-    walk.partitions.append((walk.m, first_items(walk.items, walk.m, walk.m0, K, walk.C)))
-    walk.holds_start &= ~at
-    walk.first = np.where(at, j, walk.first)
-    walk.open_norm = np.where(at, x.token_norm[rows, j], walk.open_norm)
-    walk.p = np.where(at, j + 1, walk.C)
-
-
-def scores_while_absorbing(x: ChunkScalars, p, holds_start, first, open_norm, live, opts,
-                           size):
-    """I_j for every token j >= p, if the open slot absorbs tokens p ... j-1.   [N, C]
-
-    The open slot holds S_0 (if ``holds_start``) and the chunk's tokens first ... p-1,
-    and ||S_open||^2 = open_norm after token p - 1. Then, for j >= p
-    (docs/spec/information-score.md):
-
-        <S_open, s_j>   = [holds_start] exp(L_j) k_j^T S_0 v_j + sum_{s=first}^{j-1} Gd[j, s]
-        ||S_open||^2    = exp(2 (L_j - L_{p-1})) open_norm
-                          + sum_{r=p}^{j-1} exp(2 (L_j - L_r)) (2 <S_open, s_r> + ||s_r||^2)
-
-    (the second is the recurrence ||S||^2 <- alpha^2 (||S||^2 + 2 <S, s> + ||s||^2)
-    unrolled). Entries with j < p (``live`` False) are computed as if the open state were 0.
-    """
-    N, C = x.token_norm.shape
-    rows = np.arange(N)
-    at_first = np.take_along_axis(x.gram_prefix, np.broadcast_to(first[:, None, None], (N, C, 1)),
-                                  axis=2)[..., 0]
-    dot = np.where(holds_start[:, None], x.start_dot, 0.0) + x.gram_before - at_first
-    dot = np.where(live, dot, 0.0)
-    grow = np.where(live, 2 * dot + x.token_norm, 0.0)
-    since = np.where(p[:, None] == 0, x.start_decay2,
-                     x.decay2[rows, :, np.maximum(p - 1, 0)])  # exp(2 (L_j - L_{p-1}))
-    open_norms = since * open_norm[:, None] + np.matmul(x.decay2, grow[..., None])[..., 0]
-    open_norms = np.where(live, np.maximum(open_norms, 0.0), 0.0)
-    return information_score_from_scalars(npx, x.token_norm, open_norms, dot,
-                                          size, opts)
+    counts, decided = chunked_decisions.decide(x, carry, opts, size, forced)
+    return Carry(*counts), ChunkDecisions(*decided)
 
 
 def first_items(items, m, m0, K, C):
