@@ -92,7 +92,7 @@ register("dla", Implementation(
 register("dla", Implementation(
     "torch-chunked", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.kernels.torch_chunked:dla", _torch_device_available("cpu"),
-    backbones=CHUNKED_BACKBONES, gradients=True))
+    backbones=CHUNKED_BACKBONES, gradients=True, score_scalars="recurrent"))
 register("dla", Implementation(
     "triton", ("torch",), ("cpu", "cuda"), ALL_FLOATS,
     "dla_backends.kernels.triton_kernels:dla", _triton_available, state_dtype="float32"))

@@ -51,6 +51,11 @@ class Implementation:
     via_float32 input dtypes it takes only through the dispatch, which casts the inputs
                 to float32 (and o back): ("float16",) for a kernel that computes in
                 float32 or float64 only
+    score_scalars how it obtains ||S_open||^2 and <S_open, s_t> for a score: "direct"
+                (summed from the open state, as dla_ref.step.score_error_bound assumes) or
+                "recurrent" (||alpha (B + s)||^2 = alpha^2 (||B||^2 + 2 <B, s> + ||s||^2)
+                over the open block, the dot from prefix sums: the kit's budget adds their
+                rounding, testing/budgets.py)
     """
 
     name: str
@@ -63,6 +68,7 @@ class Implementation:
     backbones: tuple[str, ...] = BACKBONES
     gradients: bool = False
     via_float32: tuple[str, ...] = ()
+    score_scalars: str = "direct"
 
     def state_dtype_for(self, input_dtype: str) -> str:
         """The dtype of S, info and scores for inputs of ``input_dtype`` (a name)."""

@@ -9,6 +9,7 @@ cases pass with the reference unbroken, so what fails is the sabotage, not the c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 from collections.abc import Callable
 from unittest import mock
@@ -180,6 +181,31 @@ def check_either(candidate, case, got):
 def test_the_same_case_passes_unbroken(name):
     """Control: the case of each sabotage passes with the real reference."""
     check_case(reference_candidate("float64"), build_case(SABOTAGES[name].spec))
+
+
+def test_a_recurrent_norm_off_by_a_millionth_is_caught():
+    """torch-chunked declares recurrent scalars (a larger score budget); with its
+    ||S_open||^2 at the chunk start 1e-6 too large, its scores still fail."""
+    pytest.importorskip("torch", reason="torch-chunked needs torch")
+    from dla_backends.kernels import torch_chunked
+    from dla_backends.testing import get_backend
+
+    honest = get_backend("torch-chunked")
+    real_scalars = torch_chunked.ChunkGrams.scalars
+
+    def norm_a_millionth_high(grams, *args):
+        x = real_scalars(grams, *args)
+        return x._replace(start_norm=x.start_norm * (1 + 1e-6))
+
+    def dla(*args, **kwargs):
+        with mock.patch.object(torch_chunked.ChunkGrams, "scalars", norm_a_millionth_high):
+            return honest.load()(*args, **kwargs)
+
+    broken = dataclasses.replace(honest, label="sabotaged: ||B||^2 1e-6 high", load=lambda: dla)
+    case = build_case(NAMED_CASES["initial cache (split sequence)"])
+    check_case(honest, case)
+    with pytest.raises(AssertionError, match="trace.scores differs"):
+        check_apply(broken, case, run_candidate(broken, case))
 
 
 def test_wrong_namespace_is_caught():

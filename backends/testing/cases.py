@@ -390,4 +390,9 @@ NAMED_CASES = {
     # three-scalar score cancels (float32 scalars lost half their digits).
     "state-mode scores of similar tokens (three-scalar cancellation)": CaseSpec(
         seed=143, T=24, H=2, Dk=1, Dv=1, capacity=4, score="state", tokens="segments"),
+    # A repeated token after a boundary scores 0 by cancellation; torch-chunked forms
+    # <S_open, s_t> as a difference of prefix sums over the earlier tokens, whose
+    # rounding the direct-scalar bound missed (budgets.recurrent_scalar_bound).
+    "repeated token after a boundary (Dk = Dv = 1, initial cache)": CaseSpec(
+        Dk=1, Dv=1, tokens="repeated", split=4),
 }

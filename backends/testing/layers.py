@@ -24,7 +24,7 @@ from dla_ref.validation import check_options
 from .. import describe
 from .arrays import to_numpy, widened, widened_record
 from .backends import Candidate, candidate_for
-from .budgets import budgets
+from .budgets import budgets, score_scalars
 from .cases import Case
 from .tolerances import Context, Tolerance, assert_close, tolerance
 
@@ -208,7 +208,8 @@ def decision_tolerance(candidate: Candidate, case: Case, got: dla_ref.Result) ->
     scores, so its error is within the budget of the largest."""
     want = dla_ref.dla(**case.arguments())
     tol = candidate_tolerance(candidate, got)
-    scores, _ = budgets(tol, state_dtype(candidate, got), case, want, want.trace)
+    scores, _ = budgets(tol, state_dtype(candidate, got), case, want, want.trace,
+                        score_scalars(candidate))
     largest = max(1.0, float(np.max(np.abs(want.trace.scores), initial=0.0)))
     return max(float(np.max(scores, initial=0.0)), float(tol.score.of_scores(largest)))
 
@@ -240,7 +241,8 @@ def check_apply(candidate: Candidate, case: Case, got: dla_ref.Result) -> float:
     except ValueError as exc:
         context.fail(f"its trace does not fit the cache: {exc}")
     values = lambda x: tol.atol + tol.rtol * (np.max(np.abs(x)) if x.size else 0)  # noqa: E731
-    scores, info = budgets(tol, state_dtype(candidate, got), case, want, trace)
+    scores, info = budgets(tol, state_dtype(candidate, got), case, want, trace,
+                          score_scalars(candidate))
     shares = [
         assert_close(got.o, want.o, values(want.o), "o", context),
         assert_close(got.cache.S, want.cache.S, values(want.cache.S), "cache.S", context),
